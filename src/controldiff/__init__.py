@@ -1,0 +1,1 @@
+"""controldiff: composable controlled generation for Stable Diffusion-family models."""
