@@ -1,0 +1,73 @@
+"""Our own schedulers, each equal step for step to the diffusers class of the same family.
+
+``create(name, config)`` equals ``DiffusersClass.from_config(config)`` (keys the class
+does not accept are ignored, missing keys take that class's defaults);
+``from_config(config)`` picks the class by the config's ``_class_name``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from .base import Scheduler, SchedulerConfig
+from .ddim import DDIM
+from .ddpm import DDPM
+from .dpmsolver import DPMSolverMultistep
+from .euler import Euler, EulerAncestral
+from .heun import Heun
+from .lms import LMS
+from .pndm import PNDM
+from .unipc import UniPC
+
+_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
+    "ddim": DDIM,
+    "ddpm": DDPM,
+    "pndm": PNDM,
+    "lms": LMS,
+    "euler": Euler,
+    "euler_a": EulerAncestral,
+    "heun": Heun,
+    "dpmpp_2m": DPMSolverMultistep,
+    "dpmpp_2m_karras": lambda config: DPMSolverMultistep(config, use_karras_sigmas=True),
+    "unipc": UniPC,
+}
+
+NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+# diffusers class name -> our name (DPM-Solver's karras flag is read from the config).
+CLASS_NAMES: dict[str, str] = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "pndm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+def create(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
+    """Scheduler ``name`` built from a model folder's scheduler config (any class's)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"scheduler: unknown name {name!r}; valid names: {', '.join(NAMES)}")
+    return _FACTORIES[name](dict(config or {}))
+
+
+def from_config(config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler the config was saved by (its ``_class_name``)."""
+    class_name = config.get("_class_name")
+    if class_name not in CLASS_NAMES:
+        raise ValueError(
+            f"scheduler config: unsupported _class_name {class_name!r}; supported: {', '.join(CLASS_NAMES)}"
+        )
+    name = CLASS_NAMES[class_name]
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        name = "dpmpp_2m_karras"
+    return create(name, config)
+
+
+__all__ = [
+    "NAMES", "CLASS_NAMES", "create", "from_config", "Scheduler", "SchedulerConfig",
+    "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
+]

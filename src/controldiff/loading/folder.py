@@ -1,0 +1,182 @@
+"""Loading every component of a diffusers model folder (no diffusers, no network)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.config import read_json
+from .family import ModelInfo, detect_family
+from .weights import align_prefix, find_weights, load_model
+
+__all__ = ["Components", "load_components", "load_text_encoder", "load_tokenizer"]
+
+TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
+TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
+_TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+#: older CLIP checkpoints carry the (non-persistent) position ids
+CLIP_IGNORE_UNEXPECTED = (r"(^|\.)embeddings\.position_ids$",)
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model folder.
+
+    ``text_encoders`` / ``tokenizers`` are in folder order: ``[text_encoder]`` for SD1/SD2,
+    ``[text_encoder, text_encoder_2]`` for SDXL, where an SDXL refiner has ``None`` first.
+    """
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    info: ModelInfo
+    path: Path
+    model_index: dict = field(default_factory=dict)
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.text_encoders[0] if self.text_encoders else None
+
+    @property
+    def text_encoder_2(self) -> Any:
+        return self.text_encoders[1] if len(self.text_encoders) > 1 else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0] if self.tokenizers else None
+
+    @property
+    def tokenizer_2(self) -> Any:
+        return self.tokenizers[1] if len(self.tokenizers) > 1 else None
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {what} folder not found")
+    return path
+
+
+def _slot_present(root: Path, model_index: dict, name: str) -> bool:
+    """A component is present when model_index.json names a class for it; without an entry
+    there, when its folder exists."""
+    if name in model_index:
+        entry = model_index[name]
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+    return (root / name).is_dir()
+
+
+def _text_config(config_path: Path):
+    from transformers import CLIPTextConfig
+
+    raw = read_json(config_path)
+    if raw.get("model_type") == "clip" and isinstance(raw.get("text_config"), dict):
+        raw = {**raw["text_config"], "architectures": raw.get("architectures")}
+    return raw, CLIPTextConfig.from_dict(raw)
+
+
+def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = torch.float32, variant: str | None = None,
+                      class_name: str | None = None) -> nn.Module:
+    """A transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` from a component
+    folder (``config.json`` + weights), chosen from the config's ``architectures``."""
+    import transformers
+
+    folder = _require_dir(Path(folder), "text encoder")
+    config_path = folder / "config.json"
+    raw, config = _text_config(config_path)
+    archs = raw.get("architectures") or ([class_name] if class_name else ["CLIPTextModel"])
+    arch = archs[0]
+    if arch not in _TEXT_ENCODER_CLASSES:
+        raise ValueError(
+            f"{config_path}: architectures = {archs!r} is not supported; expected one of {_TEXT_ENCODER_CLASSES}"
+        )
+    cls = getattr(transformers, arch)
+    files = find_weights(folder, "model", variant)
+    return load_model(
+        lambda: cls(config),
+        files,
+        device=device,
+        dtype=dtype,
+        ignore_unexpected=CLIP_IGNORE_UNEXPECTED,
+        rename=align_prefix,
+    )
+
+
+def load_tokenizer(folder: str | Path):
+    """A transformers ``CLIPTokenizer`` from local files only."""
+    from transformers import CLIPTokenizer
+
+    folder = _require_dir(Path(folder), "tokenizer")
+    if not (folder / "tokenizer.json").is_file():
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: tokenizer file not found")
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_components(path: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> Components:
+    """Load a diffusers folder: ``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/
+    scheduler/`` (+ ``text_encoder_2/ tokenizer_2/`` for SDXL; refiners have only the ``_2``
+    ones). The family is detected from the configs (:func:`detect_family`)."""
+    from ..models.unet import UNet2DConditionModel
+    from ..models.vae import AutoencoderKL
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: model folder not found")
+    if not root.is_dir():
+        raise ValueError(
+            f"{root}: not a folder; expected a diffusers model folder (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/). Single-file checkpoints (.safetensors/.ckpt) are "
+            "not supported yet"
+        )
+    model_index = read_json(root / "model_index.json")
+
+    unet_dir = _require_dir(root / "unet", "unet")
+    vae_dir = _require_dir(root / "vae", "vae")
+    sched_dir = _require_dir(root / "scheduler", "scheduler")
+    unet_config = read_json(unet_dir / "config.json")
+    vae_config = read_json(vae_dir / "config.json")
+    scheduler_config = read_json(sched_dir / "scheduler_config.json")
+
+    slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, model_index, s)]
+    if not slots:
+        raise FileNotFoundError(f"{root / 'text_encoder'}: text encoder folder not found")
+    n = 2 if "text_encoder_2" in slots else 1
+    te_configs: list[dict | None] = []
+    for s in TEXT_ENCODER_SLOTS[:n]:
+        te_configs.append(_text_config(_require_dir(root / s, "text encoder") / "config.json")[0] if s in slots else None)
+    info = detect_family(unet_config, te_configs, scheduler_config, vae_config)
+
+    unet = load_model(lambda: UNet2DConditionModel(unet_config),
+                      find_weights(unet_dir, "diffusion_pytorch_model", variant), device=device, dtype=dtype)
+    vae = load_model(lambda: AutoencoderKL(vae_config),
+                     find_weights(vae_dir, "diffusion_pytorch_model", variant), device=device, dtype=dtype)
+    text_encoders: list = []
+    tokenizers: list = []
+    for s, t in zip(TEXT_ENCODER_SLOTS[:n], TOKENIZER_SLOTS[:n]):
+        if s not in slots:
+            text_encoders.append(None)
+            tokenizers.append(None)
+            continue
+        entry = model_index.get(s)
+        class_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        text_encoders.append(load_text_encoder(root / s, device=device, dtype=dtype, variant=variant,
+                                               class_name=class_name))
+        tokenizers.append(load_tokenizer(root / t))
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler_config=scheduler_config,
+        info=info,
+        path=root,
+        model_index=model_index,
+    )

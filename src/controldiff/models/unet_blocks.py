@@ -1,0 +1,155 @@
+"""The UNet's down, mid and up blocks (diffusers' block types and parameter names).
+
+Down blocks return ``(hidden, skips)``; up blocks consume skips from the end. The optional
+``extra`` argument of the down blocks is the T2I-Adapter ("intrablock") residual, added
+where diffusers adds it: inside a cross-attention block after its last transformer, after
+a plain block (and then the block's last skip carries it too, as in diffusers).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from .transformer import Transformer2DModel
+
+
+def _layers(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+class DownBlock2D(nn.Module):
+    has_cross_attention = False
+
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample,
+                 downsample_padding=1, dropout=0.0, **_):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps,
+                           dropout=dropout) for i in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+
+    def forward(self, x, temb, context=None, extra: Optional[torch.Tensor] = None):
+        skips = []
+        for resnet in self.resnets:
+            x = resnet(x, temb)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        if extra is not None:
+            x = x + extra
+            skips[-1] = x
+        return x, skips
+
+
+class CrossAttnDownBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample,
+                 heads, cross_attention_dim, transformer_layers=1, use_linear_projection=False,
+                 upcast_attention=False, downsample_padding=1, dropout=0.0):
+        super().__init__()
+        depth = _layers(transformer_layers, num_layers)
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps,
+                           dropout=dropout) for i in range(num_layers)]
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(heads, out_channels // heads, out_channels, depth[i], cross_attention_dim, groups,
+                                use_linear_projection, upcast_attention, dropout) for i in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+
+    def forward(self, x, temb, context, extra: Optional[torch.Tensor] = None):
+        skips = []
+        last = len(self.resnets) - 1
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            x = attn(resnet(x, temb), context)
+            if i == last and extra is not None:
+                x = x + extra
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet, then (transformer, resnet) pairs; resnets scaled by ``mid_block_scale_factor``."""
+
+    def __init__(self, channels, temb_channels, groups, eps, heads, cross_attention_dim, transformer_layers=1,
+                 use_linear_projection=False, upcast_attention=False, output_scale_factor=1.0, dropout=0.0,
+                 num_layers=1):
+        super().__init__()
+        depth = _layers(transformer_layers, num_layers)
+
+        def resnet():
+            return ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor, dropout)
+
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(heads, channels // heads, channels, depth[i], cross_attention_dim, groups,
+                                use_linear_projection, upcast_attention, dropout) for i in range(num_layers)]
+        )
+        self.resnets = nn.ModuleList([resnet() for _ in range(num_layers + 1)])
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x, context), temb)
+        return x
+
+
+class UpBlock2D(nn.Module):
+    has_cross_attention = False
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, groups, eps,
+                 add_upsample, dropout=0.0, **_):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D((prev_output_channel if i == 0 else out_channels)
+                           + (in_channels if i == num_layers - 1 else out_channels),
+                           out_channels, temb_channels, groups, eps, dropout=dropout) for i in range(num_layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x, skips: Sequence[torch.Tensor], temb, context=None, upsample_size=None):
+        for resnet, skip in zip(self.resnets, reversed(skips)):
+            x = resnet(torch.cat([x, skip], dim=1), temb)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class CrossAttnUpBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, groups, eps,
+                 add_upsample, heads, cross_attention_dim, transformer_layers=1, use_linear_projection=False,
+                 upcast_attention=False, dropout=0.0):
+        super().__init__()
+        depth = _layers(transformer_layers, num_layers)
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D((prev_output_channel if i == 0 else out_channels)
+                           + (in_channels if i == num_layers - 1 else out_channels),
+                           out_channels, temb_channels, groups, eps, dropout=dropout) for i in range(num_layers)]
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(heads, out_channels // heads, out_channels, depth[i], cross_attention_dim, groups,
+                                use_linear_projection, upcast_attention, dropout) for i in range(num_layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x, skips: Sequence[torch.Tensor], temb, context, upsample_size=None):
+        for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips)):
+            x = attn(resnet(torch.cat([x, skip], dim=1), temb), context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
+UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}

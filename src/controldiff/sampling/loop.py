@@ -1,0 +1,91 @@
+"""THE sampling loop: one loop for every control, every model family.
+
+Each step: gather the branches all controls need, evaluate them in one batched UNet
+call, let the controls combine the predictions, step the scheduler, and run the
+latent operators. Nothing here knows about a particular control.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..text.encode import TextCond
+from .control import Branch, Context, Control, ModelCall, Step
+
+
+def _gather_branches(controls: Sequence[Control], ctx: Context, step: Step) -> list[Branch]:
+    seen: dict[str, Branch] = {}
+    for control in controls:
+        for b in control.branches(ctx, step):
+            seen.setdefault(b.name, b)  # two controls asking for the same branch share it
+    if not seen:
+        raise ValueError("controls: no control asked for a model evaluation")
+    return list(seen.values())
+
+
+def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[Branch]) -> ModelCall:
+    n = len(branches)
+    x = torch.cat([latents] * n) if n > 1 else latents
+    x = ctx.scheduler.scale_model_input(x, step.t)
+    concats = [b.concat if b.concat is not None else ctx.concat for b in branches]
+    if concats[0] is not None:
+        x = torch.cat([x, torch.cat(concats)], dim=1)
+    text = TextCond.cat([b.text for b in branches])
+    slices = {b.name: slice(i * ctx.batch, (i + 1) * ctx.batch) for i, b in enumerate(branches)}
+    call = ModelCall(x=x, t=step.t, embeds=text.embeds, branches=branches, slices=slices)
+    if text.pooled is not None:
+        time_ids = torch.cat([b.time_ids if b.time_ids is not None else ctx.time_ids for b in branches])
+        call.kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids}
+    return call
+
+
+def evaluate(ctx: Context, call: ModelCall) -> dict[str, torch.Tensor]:
+    """Run the UNet once on the batched call and split the prediction by branch."""
+    scope = ctx.unet.attention_processors(call.processors) if call.processors else contextlib.nullcontext()
+    with scope:
+        out = ctx.unet(call.x, call.t, call.embeds, **call.kwargs)
+    return {name: out[s] for name, s in call.slices.items()}
+
+
+def sample(
+    ctx: Context,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    controls: Sequence[Control],
+    *,
+    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None,
+    progress: bool = True,
+    step_kwargs: Optional[dict] = None,
+) -> tuple[torch.Tensor, int]:
+    """Denoise ``latents`` over ``timesteps``; return (latents, steps done).
+
+    ``callback(i, t, latents)`` runs after each step; returning False stops the loop
+    early (the latents reached so far are returned, nothing is lost).
+    """
+    step_kwargs = step_kwargs or {}
+    count = len(timesteps)
+    done = 0
+    with torch.inference_mode(), tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
+        for i, t in enumerate(timesteps):
+            step = Step(index=i, t=t, count=count)
+            for c in controls:
+                latents = c.before_step(ctx, step, latents)
+            branches = _gather_branches(controls, ctx, step)
+            call = build_call(ctx, step, latents, branches)
+            for c in controls:
+                c.prepare_call(ctx, step, call)
+            preds = evaluate(ctx, call)
+            noise = preds[branches[-1].name] if "cond" not in preds else preds["cond"]
+            for c in controls:
+                noise = c.combine(ctx, step, preds, noise)
+            latents = ctx.scheduler.step(noise, t, latents, generator=ctx.generator, **step_kwargs)
+            for c in controls:
+                latents = c.after_step(ctx, step, latents)
+            done = i + 1
+            bar.update()
+            if callback is not None and callback(i, t, latents) is False:
+                break
+    return latents, done
