@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -133,15 +134,20 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "weights only" in msg.lower() or "weights_only" in msg.lower() or "global" in msg.lower():
-            first = msg.strip().splitlines()[0] if msg.strip() else ""
+            m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", msg, re.S)
+            detail = " ".join((m.group(1) if m else "").split())[:300]
             raise ValueError(
-                f"{path}: refused: the file contains objects other than tensors (Python objects that "
-                "would run code when unpickled); only plain tensor checkpoints are loaded. "
-                f"Convert it to .safetensors with a tool you trust. (torch: {first[:300]})"
+                f"{path}: refused: the file contains objects other than tensors (Python objects or pickle "
+                "instructions that a plain tensor checkpoint does not need, and that could run code when "
+                "unpickled); only plain tensor checkpoints are loaded (torch.load with weights_only=True). "
+                "Convert it to .safetensors with a tool you trust"
+                + (f" (unpickler: {detail})" if detail else "")
             ) from None
         raise ValueError(f"{path}: corrupt or truncated checkpoint: {msg[:300]}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as e:

@@ -22,18 +22,22 @@ class SchedulerConfig(dict):
             raise AttributeError(name) from None
 
 
-def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None) -> SchedulerConfig:
+def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None,
+                   class_name: str | None = None) -> SchedulerConfig:
     """``from_config`` semantics: keys the target class accepts override its defaults.
 
     Keys listed in ``_use_default_values`` were defaults of the saving class and are
-    dropped; keys the target does not accept (another class's options) are ignored.
+    dropped. Keys the target does not accept (another class's options) do not affect
+    it but are kept, as diffusers keeps them, so a config converted twice round-trips.
     """
     config = dict(config or {})
-    used_defaults = set(config.get("_use_default_values", []) or [])
+    used_defaults = set(config.pop("_use_default_values", None) or [])
     out = SchedulerConfig(defaults)
     for key, value in config.items():
-        if key in defaults and key not in used_defaults:
+        if key not in used_defaults:
             out[key] = value
+    if class_name is not None:
+        out["_class_name"] = class_name
     return out
 
 
@@ -149,7 +153,7 @@ def spaced_timesteps(config: Mapping[str, Any], n: int, *, round_linspace: bool 
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """sqrt((1 - a) / a) over the training timesteps, as float32 numpy (the reference's dtype)."""
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).cpu().numpy()
 
 
 def interp_sigmas(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
@@ -201,12 +205,15 @@ class Scheduler:
     """
 
     name: str = ""
+    CLASS_NAME: str | None = None  # the diffusers class this one equals
     order: int = 1
     DEFAULTS: dict[str, Any] = {}
     init_noise_sigma: Any = 1.0
+    _missing_timestep_is_last = False  # DPM-Solver/UniPC: an unknown timestep means the last step
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> None:
-        self.config = resolve_config(self.DEFAULTS, {**dict(config or {}), **overrides})
+        self.config = resolve_config(self.DEFAULTS, config, self.CLASS_NAME)
+        self.config.update(overrides)  # like from_config(cfg, **kwargs): kwargs always win
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self.pred_original_sample: torch.Tensor | None = None
@@ -218,8 +225,18 @@ class Scheduler:
         """Raise ValueError for options we do not implement."""
         for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
                     "use_lu_lambdas", "use_dynamic_shifting"):
-            if self.config.get(key):
+            if self.option(key):
                 raise ValueError(f"scheduler config: {key}=True is not supported by {self.name!r}")
+
+    def option(self, key: str) -> Any:
+        """A config value this class accepts (None otherwise: carried-over keys of other
+        classes must not change behaviour)."""
+        return self.config[key] if key in self.DEFAULTS else None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Only the keys this class accepts (what the schedule is computed from)."""
+        return {k: self.config[k] for k in self.DEFAULTS}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, steps={self.num_inference_steps})"
@@ -244,8 +261,6 @@ class Scheduler:
             return len(self.timesteps) - 1
         return indices[1 if len(indices) > 1 else 0].item()
 
-    _missing_timestep_is_last = False
-
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is None:
             if isinstance(timestep, torch.Tensor):
@@ -268,7 +283,7 @@ class AlphaScheduler(Scheduler):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        self.alphas_cumprod = make_alphas_cumprod(self.config, self.EXTRA_SCHEDULES)
+        self.alphas_cumprod = make_alphas_cumprod(self.settings, self.EXTRA_SCHEDULES)
 
     def _move_schedule(self, device) -> None:
         """Keep alphas_cumprod beside the timesteps so steps index it without transfers."""
@@ -292,7 +307,7 @@ class SigmaScheduler(Scheduler):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        self.alphas_cumprod = make_alphas_cumprod(self.config, self.EXTRA_SCHEDULES, zero_snr_fix=self.ZERO_SNR_FIX)
+        self.alphas_cumprod = make_alphas_cumprod(self.settings, self.EXTRA_SCHEDULES, zero_snr_fix=self.ZERO_SNR_FIX)
         self.sigmas: torch.Tensor | None = None
 
     def _step_indices(self, timesteps: torch.Tensor, device) -> list[int]:
@@ -331,8 +346,8 @@ class KSigmaScheduler(SigmaScheduler):
         sigmas = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         sigmas = interp_sigmas(timesteps, sigmas)
-        if self.config.get("use_karras_sigmas"):
-            sigmas = karras_sigmas(sigmas, n, self.config.get("sigma_min"), self.config.get("sigma_max"))
+        if self.option("use_karras_sigmas"):
+            sigmas = karras_sigmas(sigmas, n, self.option("sigma_min"), self.option("sigma_max"))
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         return sigmas, timesteps
 

@@ -22,6 +22,7 @@ def x0_and_eps(kind: str, model_output: torch.Tensor, sample: torch.Tensor, alph
 
 class DDIM(AlphaScheduler):
     name = "ddim"
+    CLASS_NAME = "DDIMScheduler"
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", thresholding=False,

@@ -11,6 +11,7 @@ from .ddim import x0_and_eps
 
 class DDPM(AlphaScheduler):
     name = "ddpm"
+    CLASS_NAME = "DDPMScheduler"
     EXTRA_SCHEDULES = ("sigmoid",)
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,

@@ -25,6 +25,7 @@ def log_snr(sigma):
 
 class DPMSolverMultistep(SigmaScheduler):
     name = "dpmpp_2m"
+    CLASS_NAME = "DPMSolverMultistepScheduler"
     ZERO_SNR_FIX = True
     _missing_timestep_is_last = True
     DEFAULTS = dict(

@@ -12,6 +12,7 @@ class Euler(KSigmaScheduler):
     """First-order ODE step; s_churn is not exposed (the pipelines never set it)."""
 
     name = "euler"
+    CLASS_NAME = "EulerDiscreteScheduler"
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
@@ -83,6 +84,7 @@ class EulerAncestral(KSigmaScheduler):
     """Euler step to sigma_down, then fresh noise of size sigma_up (ancestral sampling)."""
 
     name = "euler_a"
+    CLASS_NAME = "EulerAncestralDiscreteScheduler"
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,

@@ -13,6 +13,7 @@ from .base import KSigmaScheduler, require
 
 class Heun(KSigmaScheduler):
     name = "heun"
+    CLASS_NAME = "HeunDiscreteScheduler"
     order = 2
     EXTRA_SCHEDULES = ("exp",)
     ZERO_SNR_FIX = False

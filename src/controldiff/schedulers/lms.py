@@ -21,6 +21,7 @@ def lms_coefficient(sigmas: np.ndarray, order: int, t: int, current_order: int) 
 
 class LMS(KSigmaScheduler):
     name = "lms"
+    CLASS_NAME = "LMSDiscreteScheduler"
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, prediction_type="epsilon",

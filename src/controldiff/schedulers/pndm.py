@@ -9,6 +9,7 @@ from .base import AlphaScheduler, require, spaced_timesteps
 
 class PNDM(AlphaScheduler):
     name = "pndm"
+    CLASS_NAME = "PNDMScheduler"
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         skip_prk_steps=False, set_alpha_to_one=False, prediction_type="epsilon", timestep_spacing="leading",

@@ -10,6 +10,7 @@ from .dpmsolver import alpha_sigma, log_snr
 
 class UniPC(SigmaScheduler):
     name = "unipc"
+    CLASS_NAME = "UniPCMultistepScheduler"
     _missing_timestep_is_last = True
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,

@@ -1,0 +1,132 @@
+"""Speed and memory of controldiff vs diffusers on the same random-weight model.
+
+One implementation per process (so peak memory is its own):
+    python benchmarks/bench.py --impl ours --model sd15 --size 256 --steps 10
+Both, with ratios, written to benchmarks/RESULTS.md:
+    python benchmarks/run_all.py
+Models are built in memory with diffusers' classes from a fixed seed; ours loads the
+very same weights (state dicts copied), so both compute the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import build  # noqa: E402
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every 2 ms (CPU runs)."""
+
+    def __init__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class CountCalls:
+    """Counts UNet evaluations (batched calls) during generation."""
+
+    def __init__(self, module):
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *args):
+        self.n += 1
+
+
+def run(impl: str, model: str, size: int, steps: int, device: str, dtype: torch.dtype, repeats: int,
+        scheduler: str, batch: int) -> dict:
+    ref, ours = build(model, device=device, dtype=dtype, need_ours=impl == "ours")
+    pipe = ours if impl == "ours" else ref
+    if impl == "ours":
+        pipe.progress = False
+        call = lambda: pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps,  # noqa: E731
+                            guidance_scale=7.5, scheduler=scheduler, seed=0, num_images_per_prompt=batch,
+                            output_type="np").images
+        unet = pipe.unet
+    else:
+        import diffusers
+        from schedulers_map import DIFFUSERS
+        name, extra = DIFFUSERS[scheduler]
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        call = lambda: pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps,  # noqa: E731
+                            guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+                            num_images_per_prompt=batch, output_type="np").images
+        unet = pipe.unet
+        del ours
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    call()  # warm-up
+    sync()
+    counter = CountCalls(unet)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            images = call()
+            sync()
+            times.append(time.perf_counter() - t0)
+    counter.handle.remove()
+    peak = (torch.cuda.max_memory_allocated() - base) if device.startswith("cuda") else (rss.peak - rss.base)
+    best = min(times)
+    return {
+        "impl": impl, "model": model, "size": size, "steps": steps, "device": device, "dtype": str(dtype),
+        "batch": batch, "scheduler": scheduler,
+        "seconds_per_image": best / batch, "it_per_s": steps / best,
+        "peak_mem_mb": peak / 2**20, "unet_calls_per_step": counter.n / (repeats * steps),
+        "checksum": float(abs(images).mean()),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--impl", choices=["ours", "diffusers"], required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--batch", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    res = run(a.impl, a.model, a.size, a.steps, a.device, getattr(torch, a.dtype), a.repeats, a.scheduler, a.batch)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The command line, run in-process through ``main([...])``, plus its helpers
+(PNG parameters, output numbering, the embedded demo model)."""
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controldiff import cli, demo
+from controldiff.png import format_parameters, read_parameters, save_png
+
+FAST = ["--steps", "2", "--width", "64", "--height", "64"]
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """One demo model per session (built with our own classes)."""
+    return tmp_path_factory.mktemp("controldiff-home")
+
+
+@pytest.fixture
+def home(demo_home, monkeypatch):
+    monkeypatch.setenv("CONTROLDIFF_HOME", str(demo_home))
+    return demo_home
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------- png
+
+
+def test_format_parameters_a1111_layout():
+    text = format_parameters("a cat, sitting", "blurry", 20, "euler_a", 7.5, 1, 512, 768, "sd15",
+                             {"Denoising strength": 0.8, "Skipped": None})
+    assert text.splitlines() == [
+        "a cat, sitting",
+        "Negative prompt: blurry",
+        "Steps: 20, Sampler: euler_a, CFG scale: 7.5, Seed: 1, Size: 512x768, Model: sd15, Denoising strength: 0.8",
+    ]
+    no_negative = format_parameters("a cat", None, 20, "pndm", 7.5, 1, 64, 64, None, None)
+    assert no_negative.splitlines() == ["a cat", "Steps: 20, Sampler: pndm, CFG scale: 7.5, Seed: 1, Size: 64x64"]
+
+
+def test_png_parameters_round_trip(tmp_path):
+    img = Image.new("RGB", (8, 8), "red")
+    save_png(img, tmp_path / "a.png", "a cat\nSteps: 2")
+    save_png(img, tmp_path / "u.png", "ein Kätzchen 猫\nSteps: 2")  # not Latin-1: iTXt
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert read_parameters(tmp_path / "a.png") == "a cat\nSteps: 2"
+    assert read_parameters(tmp_path / "u.png") == "ein Kätzchen 猫\nSteps: 2"
+    assert read_parameters(tmp_path / "plain.png") is None
+
+
+def test_output_paths_are_numbered_and_never_overwrite(tmp_path):
+    (tmp_path / "00007-1.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    assert [p.name for p in cli.output_paths(tmp_path, [5, 6])] == ["00008-5.png", "00009-6.png"]
+    assert cli.output_paths(tmp_path / "x.png", [5]) == [tmp_path / "x.png"]
+    assert [p.name for p in cli.output_paths(tmp_path / "x", [5, 6])] == ["x-1.png", "x-2.png"]
+    assert cli.output_paths(f"{tmp_path}/new/", [3]) == [tmp_path / "new" / "00000-3.png"]
+
+
+# ----------------------------------------------------------------------------- demo model
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_demo_model_is_reproducible_and_built_once(home, tmp_path):
+    path = demo.default_model_path()
+    assert path == home / demo.NAME and (path / "model_index.json").is_file()
+    assert demo.default_model_path() == path  # cached
+    assert [p.name for p in home.iterdir()] == [demo.NAME]  # no temp folder left behind
+    other = demo.build(tmp_path / "again")
+    assert _digest(other) == _digest(path)
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (path / sub).is_dir()
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "random weights" in demo.DEMO_NOTICE
+
+
+def test_demo_build_crash_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLDIFF_HOME", str(tmp_path))
+
+    def boom(folder):
+        (Path(folder) / "unet").mkdir()
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(demo, "build", boom)
+    with pytest.raises(RuntimeError):
+        demo.default_model_path()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_generate_with_demo_model_writes_png_with_parameters(home, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    rc, stdout, err = run(capsys, "generate", "-p", "a red cube", "-n", "blurry", "--seed", 7, "--cfg", 5,
+                          "--scheduler", "euler_a", *FAST, "-o", out)
+    assert rc == 0, err
+    assert demo.DEMO_NOTICE in stdout
+    assert str(out) in stdout and "Generated 1 image" in stdout
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+    text = read_parameters(out)
+    lines = text.splitlines()
+    assert lines[0] == "a red cube" and lines[1] == "Negative prompt: blurry"
+    for field in ("Steps: 2", "Sampler: euler_a", "CFG scale: 5.0", "Seed: 7", "Size: 64x64"):
+        assert field in lines[2]
+
+
+def test_generate_random_seed_numbered_outputs(home, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = run(capsys, "generate", "-p", "x", *FAST, "--n", 2)
+    assert rc == 0, err
+    seed = int(re.search(r"Seed: (\d+)", stdout).group(1))
+    files = sorted((tmp_path / "outputs").iterdir())
+    assert [f.name for f in files] == [f"00000-{seed}.png", f"00001-{seed + 1}.png"]
+    assert f"Seed: {seed + 1}," in read_parameters(files[1])
+    assert "Sampler: pndm" in read_parameters(files[0])  # the folder's own scheduler
+    rc, stdout, _ = run(capsys, "generate", "-p", "x", *FAST, "--seed", seed + 1)
+    assert rc == 0
+    again = tmp_path / "outputs" / f"00002-{seed + 1}.png"
+    assert str(Path("outputs") / again.name) in stdout
+    # image i of a batch is image 0 of a run with seed + i (up to batched float rounding)
+    a, b = (np.asarray(Image.open(f), dtype=np.int16) for f in (again, files[1]))
+    assert np.abs(a - b).max() <= 2
+
+
+def test_generate_img2img_and_inpaint(home, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    rc, _, err = run(capsys, "generate", "-p", "x", "--steps", 4, "--image", init, "--strength", 0.5,
+                     "--seed", 1, "-o", tmp_path / "i2i.png")
+    assert rc == 0, err
+    assert "Denoising strength: 0.5" in read_parameters(tmp_path / "i2i.png")
+    rc, _, err = run(capsys, "generate", "-p", "x", "--steps", 2, "--image", init, "--mask", mask,
+                     "--seed", 1, "-o", tmp_path / "inp.png")
+    assert rc == 0, err
+    assert "Denoising strength: 1.0" in read_parameters(tmp_path / "inp.png")
+
+
+def test_generate_ctrl_c_cancels_cleanly(home, tmp_path, capsys, monkeypatch):
+    from controldiff import pipeline
+
+    calls = []
+
+    def fake_call(self, *args, callback=None, **kw):
+        signal.raise_signal(signal.SIGINT)  # first Ctrl-C: finish the step, then stop
+        calls.append(callback(0, None, None))
+        return pipeline.Output(images=[], steps_done=1, cancelled=True)
+
+    monkeypatch.setattr(pipeline.Pipeline, "__call__", fake_call)
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "-o", tmp_path / "c.png")
+    assert rc == 130 and calls == [False]
+    assert "cancelled after 1 step;" in err and "Traceback" not in err
+    assert not (tmp_path / "c.png").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    def interrupted(self, *args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Pipeline, "__call__", interrupted)
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST)
+    assert rc == 130 and "interrupted" in err
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_info_on_demo_model(home, capsys):
+    from controldiff.loading.folder import load_components
+
+    path = demo.default_model_path()
+    rc, out, err = run(capsys, "info", path)
+    assert rc == 0, err
+    assert re.search(r"family:\s+sd1", out)
+    assert re.search(r"kind:\s+txt2img \(unet in_channels=4\)", out)
+    assert re.search(r"default size:\s+256x256", out) and re.search(r"latent factor:\s+8", out)
+    c = load_components(path)
+    for name, module in (("unet", c.unet), ("vae", c.vae), ("text_encoder", c.text_encoder)):
+        count = sum(p.numel() for p in module.parameters())
+        assert f"{name} parameters:" in out and f"{count:,}" in out
+
+
+def test_info_on_sdxl_folder(tiny_model, capsys):
+    rc, out, err = run(capsys, "info", tiny_model(family="sdxl"))
+    assert rc == 0, err
+    assert re.search(r"family:\s+sdxl", out) and "text_encoder_2 parameters:" in out
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["generate", "-p", "x", "--width", "100"], "--width"),
+    (["generate", "-p", "x", "--height", "0"], "--height"),
+    (["generate", "-p", "x", "--scheduler", "nope"], "--scheduler"),
+    (["generate", "-p", "x", "--steps", "two"], "--steps"),
+    (["generate", "-p", "x", "--mask", "m.png"], "--mask"),
+    (["generate", "-p", "x", "--strength", "0.5"], "--strength"),
+    (["generate", "-p", "x", "--dtype", "int8"], "--dtype"),
+    (["generate", "/no/such/model", "-p", "x"], "/no/such/model"),
+    (["info", "/no/such/model"], "/no/such/model"),
+    (["info"], "MODEL"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(home, capsys, argv, names):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    assert names in err and "error" in err and "Traceback" not in err
+
+
+def test_unreadable_image_is_a_usage_error(home, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--image", bad)
+    assert rc == 2 and "--image" in err and "Traceback" not in err
+
+
+def test_library_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text("{}")
+    rc, _, err = run(capsys, "generate", tmp_path, "-p", "x")
+    assert rc == 2
+    assert err.startswith("controldiff: error: ") and "unet" in err and "Traceback" not in err
