@@ -2,7 +2,6 @@
 (self-attention, cross-attention, GEGLU feed-forward), project out, residual."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
