@@ -233,10 +233,11 @@ class Pipeline:
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength: expected a value in (0, 1], got {strength}")
             ih, iw = image_size(image)
-            height = height or ih - ih % self.latent_factor
-            width = width or iw - iw % self.latent_factor
+            height = ih - ih % self.latent_factor if height is None else height
+            width = iw - iw % self.latent_factor if width is None else width
         dh, dw = self.default_size
-        height, width = height or dh, width or dw
+        height = dh if height is None else height
+        width = dw if width is None else width
         f = self.latent_factor
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % f:
