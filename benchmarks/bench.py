@@ -75,8 +75,8 @@ def run(impl: str, model: str, size: int, steps: int, device: str, dtype: torch.
         unet = pipe.unet
     else:
         import diffusers
-        from schedulers_map import DIFFUSERS
-        name, extra = DIFFUSERS[scheduler]
+        from controldiff.schedulers import DIFFUSERS_EQUIVALENT
+        name, extra = DIFFUSERS_EQUIVALENT[scheduler]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
         pipe.set_progress_bar_config(disable=True)
         call = lambda: pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps,  # noqa: E731

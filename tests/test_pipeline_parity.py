@@ -11,21 +11,11 @@ import pytest
 import torch
 
 import controldiff as cd
+from controldiff.schedulers import DIFFUSERS_EQUIVALENT
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # the oracle: part of the test extra
 
-SCHEDULER_CLASSES = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+SCHEDULER_CLASSES = DIFFUSERS_EQUIVALENT
 TOL = 1e-4
 
 

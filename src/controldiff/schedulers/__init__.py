@@ -33,18 +33,23 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
 
 NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
-# diffusers class name -> our name (DPM-Solver's karras flag is read from the config).
-CLASS_NAMES: dict[str, str] = {
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "PNDMScheduler": "pndm",
-    "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "UniPCMultistepScheduler": "unipc",
+# our name -> (the diffusers class it equals, extra from_config arguments); for tests,
+# benchmarks and docs — the runtime never imports diffusers.
+DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
+
+# diffusers class name -> our name (DPM-Solver's karras flag is read from the config).
+CLASS_NAMES: dict[str, str] = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
 
 
 def create(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
@@ -68,6 +73,6 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
 
 
 __all__ = [
-    "NAMES", "CLASS_NAMES", "create", "from_config", "Scheduler", "SchedulerConfig",
+    "NAMES", "CLASS_NAMES", "DIFFUSERS_EQUIVALENT", "create", "from_config", "Scheduler", "SchedulerConfig",
     "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
 ]

@@ -85,6 +85,11 @@ class DPMSolverMultistep(SigmaScheduler):
             sigma_last = 0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas).to(device=device)
+        if len(np.unique(timesteps.astype(np.int64))) < len(timesteps):
+            raise ValueError(
+                f"scheduler: {self.name} gives repeated timesteps {timesteps.astype(np.int64).tolist()} for "
+                f"{num_inference_steps} steps with beta_schedule={cfg.beta_schedule!r}; use fewer karras steps or "
+                "another scheduler")
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(timesteps)
         self._reset()
