@@ -51,6 +51,8 @@ class Pipeline:
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
                  path: Optional[Path] = None):
         self.unet = unet
+        if info.family == "sdxl" and vae.dtype == torch.float16 and vae.config.get("force_upcast", True):
+            vae = vae.float()  # the SDXL VAE overflows in float16: keep it in float32, as diffusers does
         self.vae = vae
         self.text_encoders = list(text_encoders)
         self.tokenizers = list(tokenizers)
