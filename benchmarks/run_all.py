@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 
 CPU_CASES = [
     dict(model="tiny", size=64, steps=20, repeats=3),
-    dict(model="sd15", size=256, steps=10, repeats=2),
+    dict(model="sd15", size=256, steps=10, repeats=1),
 ]
 GPU_CASES = [
     dict(model="sd15", size=512, steps=30, repeats=3, device="cuda", dtype="float16"),
@@ -36,11 +36,17 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--label", default=None, help="machine description for the table heading")
+    p.add_argument("--rounds", type=int, default=2, help="alternating processes per implementation")
     a = p.parse_args(argv)
     cases = GPU_CASES if a.gpu else CPU_CASES
     rows = []
     for case in cases:
-        ref, ours = bench("diffusers", case), bench("ours", case)
+        # alternate processes so a slow spell of a shared machine hits both; keep the best of each
+        runs = {"diffusers": [], "ours": []}
+        for _ in range(a.rounds):
+            for impl in runs:
+                runs[impl].append(bench(impl, case))
+        ref, ours = (min(runs[i], key=lambda r: r["seconds_per_image"]) for i in ("diffusers", "ours"))
         ratio = ours["seconds_per_image"] / ref["seconds_per_image"]
         mem_ratio = ours["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9)
         rows.append((case, ref, ours, ratio, mem_ratio))
@@ -49,7 +55,7 @@ def main(argv=None):
               f"peak mem {ours['peak_mem_mb']:.0f} vs {ref['peak_mem_mb']:.0f} MB -> {mem_ratio:.2f}; "
               f"UNet calls/step {ours['unet_calls_per_step']:.1f} vs {ref['unet_calls_per_step']:.1f}", flush=True)
     label = a.label or ("GPU" if a.gpu else "CPU")
-    lines = [f"\n### {label}: txt2img, CFG 7.5, euler, 1 image\n",
+    lines = [f"\n### {label}: txt2img, CFG 7.5, euler, 1 image, best of {a.rounds} alternating processes\n",
              "| model | size | device/dtype | steps | ours s/img | diffusers s/img | time ratio | ours it/s | "
              "peak MB ours | peak MB diffusers | mem ratio | UNet calls/step ours/ref |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -164,7 +164,7 @@ class Pipeline:
         return self.vae.decode(latents)
 
     # ------------------------------------------------------------------ call
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: gradient-based controls enable grad locally
     def __call__(
         self,
         prompt: Union[str, List[str]],

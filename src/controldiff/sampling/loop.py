@@ -68,7 +68,7 @@ def sample(
     step_kwargs = step_kwargs or {}
     count = len(timesteps)
     done = 0
-    with torch.inference_mode(), tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
+    with tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
         for i, t in enumerate(timesteps):
             step = Step(index=i, t=t, count=count)
             for c in controls:

@@ -12,14 +12,7 @@ import numpy as np
 import torch
 
 
-class SchedulerConfig(dict):
-    """A dict whose keys read as attributes (``config.num_train_timesteps``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+from ..models.config import Config as SchedulerConfig  # a dict whose keys read as attributes
 
 
 def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None,
