@@ -20,7 +20,7 @@ from .images import image_size, load_image, postprocess, preprocess_image, prepr
 from .noise import randn_tensor
 from .sampling.control import Context, Control
 from .sampling.loop import sample
-from .text.encode import PromptEncoder, TextCond
+from .text.encode import PromptEncoder, TextCond, as_list as _as_list
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -35,14 +35,6 @@ class Output:
     steps_done: int = 0
     cancelled: bool = False
     settings: dict = field(default_factory=dict)
-
-
-def _as_list(value, name: str) -> List[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {value!r}")
 
 
 class Pipeline:
@@ -100,33 +92,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
     def _encode_prompts(self, prompts, negative, prompts_2, negative_2, guided: bool, n: int, clip_skip) -> dict:
-        batch = len(prompts)
-        sdxl = self.info.family == "sdxl"
         # SDXL base models use zeros, not the empty prompt, when no negative prompt is given
-        zero_negative = sdxl and negative is None and self.model_index.get("force_zeros_for_empty_prompt", True)
-        negative = [""] * batch if negative is None else _as_list(negative, "negative_prompt")
-        if len(negative) == 1 and batch > 1:
-            negative = negative * batch
-        if len(negative) != batch:
-            raise ValueError(f"negative_prompt: got {len(negative)} prompts for {batch} prompts")
-        if prompts_2 is not None:
-            prompts_2 = _as_list(prompts_2, "prompt_2")
-            if len(prompts_2) == 1 and batch > 1:
-                prompts_2 = prompts_2 * batch
-        cond = self.prompt_encoder.encode(prompts, prompts_2, clip_skip=clip_skip)
-        text = {"cond": cond}
-        if guided:
-            if zero_negative:
-                text["uncond"] = cond.zeros_like()
-            else:
-                neg2 = None if negative_2 is None else _as_list(negative_2, "negative_prompt_2")
-                if neg2 is not None and len(neg2) == 1 and batch > 1:
-                    neg2 = neg2 * batch
-                # diffusers encodes the negative prompt without clip_skip
-                text["uncond"] = self.prompt_encoder.encode(negative, neg2 or (negative if sdxl else None))
-        return {k: TextCond(v.embeds.to(self.device, self.dtype),
-                            None if v.pooled is None else v.pooled.to(self.device, self.dtype)).repeat(n)
-                for k, v in text.items()}
+        zero_negative = (self.info.family == "sdxl" and negative is None
+                         and self.model_index.get("force_zeros_for_empty_prompt", True))
+        text = self.prompt_encoder.encode_pair(prompts, negative, prompts_2, negative_2, guided=guided,
+                                               zero_negative=zero_negative, clip_skip=clip_skip)
+        return {k: self._place(v, n) for k, v in text.items()}
+
+    def _place(self, cond: TextCond, n: int) -> TextCond:
+        """On the model's device and dtype, each prompt repeated n times."""
+        pooled = None if cond.pooled is None else cond.pooled.to(self.device, self.dtype)
+        return TextCond(cond.embeds.to(self.device, self.dtype), pooled).repeat(n)
 
     def _time_ids(self, size, crops, target, batch: int) -> torch.Tensor:
         ids = list(size) + list(crops) + list(target)
@@ -265,7 +241,9 @@ class Pipeline:
                 raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run; "
                                  "raise strength or num_inference_steps")
 
-        ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator)
+        ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator,
+                      encode=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")), num_images_per_prompt),
+                      vae=self.vae, info=self.info, height=height, width=width)
         if sdxl:
             size = (height, width)
             ctx.time_ids = self._time_ids(original_size or size, crops_coords_top_left, target_size or size, batch)

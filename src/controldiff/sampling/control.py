@@ -10,11 +10,17 @@ controls were given; every control sees the same ``Context``.
 - ``combine``: turn the branch predictions into the noise prediction (CFG first,
   then guidance terms added by other controls).
 - ``before_step`` / ``after_step``: latent operators around the scheduler step.
+- ``step_views``: split the canvas into views denoised separately and merged
+  (MultiDiffusion); at most one control may do this.
+
+Spatial controls (ControlNet images, masks, concat channels) crop their tensors with
+``crop_views(tensor, call.views, scale)``: inside a view-split step the batch holds
+views side by side (view-major within each branch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -35,11 +41,51 @@ class Branch:
     time_ids: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class View:
+    """A window of the latent canvas: rows h0:h1, columns w0:w1.
+
+    Columns may run past the right edge (w1 > width): the window then wraps around to
+    the left edge, as in circular panoramas.
+    """
+
+    h0: int
+    h1: int
+    w0: int
+    w1: int
+
+    def crop(self, t: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """The window of ``t`` (latent coordinates times ``scale`` for pixel tensors)."""
+        h0, h1, w0, w1 = self.h0 * scale, self.h1 * scale, self.w0 * scale, self.w1 * scale
+        width = t.shape[-1]
+        if w1 <= width:
+            return t[..., h0:h1, w0:w1]
+        return torch.cat([t[..., h0:h1, w0:], t[..., h0:h1, : w1 - width]], dim=-1)
+
+    def add_into(self, canvas: torch.Tensor, value: torch.Tensor) -> None:
+        """canvas[window] += value, wrapping around like :meth:`crop`."""
+        width = canvas.shape[-1]
+        if self.w1 <= width:
+            canvas[..., self.h0:self.h1, self.w0:self.w1] += value
+            return
+        split = width - self.w0
+        canvas[..., self.h0:self.h1, self.w0:] += value[..., :split]
+        canvas[..., self.h0:self.h1, : self.w1 - width] += value[..., split:]
+
+
+def crop_views(t: Optional[torch.Tensor], views: Optional[list], scale: int = 1) -> Optional[torch.Tensor]:
+    """``t`` (batch B) for a call over ``views``: the crops stacked view-major (V*B)."""
+    if t is None or views is None:
+        return t
+    return torch.cat([v.crop(t, scale) for v in views])
+
+
 @dataclass
 class ModelCall:
     """One batched UNet evaluation: every branch of this step, side by side.
 
-    ``slices[name]`` is the batch range of a branch. Controls may add UNet keyword
+    ``slices[name]`` is the batch range of a branch. ``views`` is None for the whole
+    canvas, else the views each branch holds side by side. Controls may add UNet keyword
     arguments (``kwargs``) or attention processors (``processors``, by site name).
     """
 
@@ -48,6 +94,7 @@ class ModelCall:
     embeds: torch.Tensor
     branches: list
     slices: Dict[str, slice]
+    views: Optional[list] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     processors: Dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +104,7 @@ class Step:
     index: int          # 0-based position in this run's timesteps
     t: torch.Tensor     # the scheduler timestep
     count: int          # how many timesteps this run has
+    call: Optional[ModelCall] = None   # the call being combined (set by the loop before combine)
 
 
 @dataclass
@@ -70,11 +118,29 @@ class Context:
     generator: Any = None
     concat: Optional[torch.Tensor] = None    # extra UNet input channels, appended to every branch
     time_ids: Optional[torch.Tensor] = None  # SDXL micro-conditioning for "cond" (batch, 6)
+    encode: Optional[Callable[[Any], TextCond]] = None  # prompt(s) -> TextCond, placed and repeated like "cond"
+    vae: Any = None
+    info: Any = None                          # loading.family.ModelInfo
+    height: int = 0                           # image size in pixels
+    width: int = 0
     extras: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    def run_unet(self, x: torch.Tensor, t, text: TextCond, time_ids: Optional[torch.Tensor] = None,
+                 processors: Optional[dict] = None, **kwargs) -> torch.Tensor:
+        """One extra UNet evaluation (for controls that re-run the model, e.g. SAG).
+
+        ``text`` and ``time_ids`` must have x's batch size; SDXL's added conditioning
+        is filled in from them.
+        """
+        if text.pooled is not None:
+            ids = time_ids if time_ids is not None else self.time_ids.repeat(x.shape[0] // self.time_ids.shape[0], 1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": ids}
+        with self.unet.attention_processors(processors or {}):
+            return self.unet(x, t, text.embeds, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,3 +167,9 @@ class Control:
 
     def after_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
         return latents
+
+    def step_views(self, ctx: Context, step: Step, latents: torch.Tensor,
+                   denoise: Callable[[torch.Tensor, Optional[list]], torch.Tensor]) -> Optional[torch.Tensor]:
+        """Take over one step by views: ``denoise(view_latents, views)`` evaluates, combines
+        and steps the scheduler on the stacked crops; return the merged latents."""
+        return None

@@ -2,7 +2,9 @@
 
 Each step: gather the branches all controls need, evaluate them in one batched UNet
 call, let the controls combine the predictions, step the scheduler, and run the
-latent operators. Nothing here knows about a particular control.
+latent operators. A control may split the canvas into views (MultiDiffusion); then
+the same evaluate-combine-step runs on the stacked crops. Nothing here knows about a
+particular control.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..text.encode import TextCond
-from .control import Branch, Context, Control, ModelCall, Step
+from .control import Branch, Context, Control, ModelCall, Step, crop_views
 
 
 def _gather_branches(controls: Sequence[Control], ctx: Context, step: Step) -> list[Branch]:
@@ -26,19 +28,24 @@ def _gather_branches(controls: Sequence[Control], ctx: Context, step: Step) -> l
     return list(seen.values())
 
 
-def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[Branch]) -> ModelCall:
-    n = len(branches)
+def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[Branch],
+               views: Optional[list] = None) -> ModelCall:
+    """Stack every branch (and every view) into one UNet input."""
+    n, v = len(branches), (1 if views is None else len(views))
     x = torch.cat([latents] * n) if n > 1 else latents
     x = ctx.scheduler.scale_model_input(x, step.t)
     concats = [b.concat if b.concat is not None else ctx.concat for b in branches]
     if concats[0] is not None:
-        x = torch.cat([x, torch.cat(concats)], dim=1)
+        x = torch.cat([x, torch.cat([crop_views(c, views) for c in concats])], dim=1)
     text = TextCond.cat([b.text for b in branches])
-    slices = {b.name: slice(i * ctx.batch, (i + 1) * ctx.batch) for i, b in enumerate(branches)}
-    call = ModelCall(x=x, t=step.t, embeds=text.embeds, branches=branches, slices=slices)
+    rows = ctx.batch * v
+    slices = {b.name: slice(i * rows, (i + 1) * rows) for i, b in enumerate(branches)}
+    embeds = text.embeds if v == 1 else torch.cat([b.text.embeds.repeat(v, 1, 1) for b in branches])
+    call = ModelCall(x=x, t=step.t, embeds=embeds, branches=branches, slices=slices, views=views)
     if text.pooled is not None:
-        time_ids = torch.cat([b.time_ids if b.time_ids is not None else ctx.time_ids for b in branches])
-        call.kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids}
+        pooled = torch.cat([b.text.pooled.repeat(v, 1) for b in branches])
+        time_ids = torch.cat([(b.time_ids if b.time_ids is not None else ctx.time_ids).repeat(v, 1) for b in branches])
+        call.kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return call
 
 
@@ -48,6 +55,14 @@ def evaluate(ctx: Context, call: ModelCall) -> dict[str, torch.Tensor]:
     with scope:
         out = ctx.unet(call.x, call.t, call.embeds, **call.kwargs)
     return {name: out[s] for name, s in call.slices.items()}
+
+
+def _views_owner(controls: Sequence[Control]) -> Optional[Control]:
+    owners = [c for c in controls if type(c).step_views is not Control.step_views]
+    if len(owners) > 1:
+        names = ", ".join(type(c).__name__ for c in owners)
+        raise ValueError(f"controls: only one control may split the canvas into views, got {names}")
+    return owners[0] if owners else None
 
 
 def sample(
@@ -66,6 +81,7 @@ def sample(
     early (the latents reached so far are returned, nothing is lost).
     """
     step_kwargs = step_kwargs or {}
+    owner = _views_owner(controls)
     count = len(timesteps)
     done = 0
     with tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
@@ -73,15 +89,20 @@ def sample(
             step = Step(index=i, t=t, count=count)
             for c in controls:
                 latents = c.before_step(ctx, step, latents)
-            branches = _gather_branches(controls, ctx, step)
-            call = build_call(ctx, step, latents, branches)
-            for c in controls:
-                c.prepare_call(ctx, step, call)
-            preds = evaluate(ctx, call)
-            noise = preds[branches[-1].name] if "cond" not in preds else preds["cond"]
-            for c in controls:
-                noise = c.combine(ctx, step, preds, noise)
-            latents = ctx.scheduler.step(noise, t, latents, generator=ctx.generator, **step_kwargs)
+
+            def denoise(x: torch.Tensor, views: Optional[list] = None) -> torch.Tensor:
+                branches = _gather_branches(controls, ctx, step)
+                call = build_call(ctx, step, x, branches, views)
+                for c in controls:
+                    c.prepare_call(ctx, step, call)
+                preds = evaluate(ctx, call)
+                step.call = call
+                noise = preds["cond"] if "cond" in preds else preds[branches[-1].name]
+                for c in controls:
+                    noise = c.combine(ctx, step, preds, noise)
+                return ctx.scheduler.step(noise, t, x, generator=ctx.generator, **step_kwargs)
+
+            latents = denoise(latents) if owner is None else owner.step_views(ctx, step, latents, denoise)
             for c in controls:
                 latents = c.after_step(ctx, step, latents)
             done = i + 1

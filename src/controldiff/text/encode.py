@@ -12,6 +12,26 @@ from typing import Optional, Sequence
 import torch
 
 
+def as_list(value, name: str) -> list[str]:
+    """A prompt argument as a list of strings, or a ValueError naming the argument."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {value!r}")
+
+
+def _spread(values: Optional[list[str]], batch: int, name: str) -> Optional[list[str]]:
+    """One prompt applies to every prompt of the batch; otherwise the counts must match."""
+    if values is None:
+        return None
+    if len(values) == 1 and batch > 1:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"{name}: got {len(values)} prompts for {batch} prompts")
+    return values
+
+
 @dataclass
 class TextCond:
     """Text conditioning for a batch: token embeddings and, for SDXL, pooled embeddings."""
@@ -71,6 +91,29 @@ class PromptEncoder:
                         stacklevel=4,
                     )
         return ids
+
+    @torch.no_grad()
+    def encode_pair(self, prompts, negative=None, prompts_2=None, negative_2=None, *, guided: bool = True,
+                    zero_negative: bool = False, clip_skip: Optional[int] = None) -> dict:
+        """{"cond": ..., "uncond": ...} for a batch of prompts and their negative prompts.
+
+        ``zero_negative``: the unconditional embedding is zeros (SDXL with no negative prompt).
+        Like diffusers, the negative prompt is encoded without clip_skip.
+        """
+        prompts = as_list(prompts, "prompt")
+        batch = len(prompts)
+        prompts_2 = _spread(None if prompts_2 is None else as_list(prompts_2, "prompt_2"), batch, "prompt_2")
+        cond = self.encode(prompts, prompts_2, clip_skip=clip_skip)
+        if not guided:
+            return {"cond": cond}
+        if zero_negative:
+            return {"cond": cond, "uncond": cond.zeros_like()}
+        negative = _spread([""] if negative is None else as_list(negative, "negative_prompt"), batch, "negative_prompt")
+        negative_2 = _spread(None if negative_2 is None else as_list(negative_2, "negative_prompt_2"), batch,
+                             "negative_prompt_2")
+        if self.sdxl and negative_2 is None:
+            negative_2 = negative
+        return {"cond": cond, "uncond": self.encode(negative, negative_2)}
 
     @torch.no_grad()
     def encode(self, prompts: list[str], prompts_2: Optional[list[str]] = None, clip_skip: Optional[int] = None) -> TextCond:
