@@ -16,6 +16,9 @@ import torch
 from . import schedulers
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
+from .loading.lora import LoraMixin
+from .loading.single_file import SingleFileMixin
+from .loading.textual_inversion import TextualInversionMixin
 from .images import image_size, load_image, postprocess, preprocess_image, preprocess_mask
 from .noise import randn_tensor
 from .sampling.control import Context, Control
@@ -37,7 +40,7 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline:
+class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,

@@ -98,6 +98,22 @@ class ModelCall:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     processors: Dict[str, Any] = field(default_factory=dict)
 
+    def add_processor(self, site: str, wrap: Callable[[Callable], Callable]) -> None:
+        """Attach at ``site`` the processor ``wrap(inner)``, where ``inner`` is the processor
+        another control attached there before (or the default computation). Wrapping
+        instead of replacing lets several controls use the same site in one call (e.g.
+        PAG perturbs its rows while SAG reads the maps of its own rows)."""
+        self.processors[site] = wrap(self.processors.get(site, default_processor))
+
+    def rows(self, name: str) -> slice:
+        """Batch rows of branch ``name`` in this call."""
+        return self.slices[name]
+
+
+def default_processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+    """The attention module's own computation (SDPA)."""
+    return attn.default(hidden_states, encoder_hidden_states, attention_mask)
+
 
 @dataclass
 class Step:

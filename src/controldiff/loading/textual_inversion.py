@@ -1,0 +1,5 @@
+"""Textual inversion embeddings: Pipeline methods."""
+
+
+class TextualInversionMixin:
+    """Mixed into :class:`controldiff.Pipeline`."""
