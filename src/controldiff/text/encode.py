@@ -72,12 +72,21 @@ class PromptEncoder:
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.sdxl = sdxl
+        # word -> replacement applied to every prompt before tokenising (textual inversion's
+        # multi-vector tokens "tok" -> "tok tok_1 tok_2", as diffusers' maybe_convert_prompt)
+        self.expansions: dict[str, str] = {}
+
+    def expand(self, prompt: str) -> str:
+        for word, replacement in self.expansions.items():
+            prompt = prompt.replace(word, replacement)
+        return prompt
 
     @property
     def device(self) -> torch.device:
         return next(self.text_encoders[-1].parameters()).device
 
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        prompts = [self.expand(p) for p in prompts]
         max_len = tokenizer.model_max_length
         ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
         full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
