@@ -30,6 +30,9 @@ SD_VAE = dict(
     block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215,
 )
+# SD1.5's layout with narrower channels: for CPU runs of the control benchmarks.
+SD15_SMALL_UNET = dict(SD15_UNET, block_out_channels=[64, 128, 256, 256])
+SMALL_VAE = dict(SD_VAE, block_out_channels=[32, 64, 128, 128])
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
               projection_dim=768, hidden_act="quick_gelu")
 CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
@@ -52,10 +55,12 @@ def configs(model: str):
                 tiny.scheduler_config("sdxl"))
     if model == "sd15":
         return "sd1", SD15_UNET, SD_VAE, [_text_cfg(CLIP_L)], tiny.scheduler_config("sd1")
+    if model == "sd15-small":
+        return "sd1", SD15_SMALL_UNET, SMALL_VAE, [_text_cfg(CLIP_L)], tiny.scheduler_config("sd1")
     if model == "sdxl":
         vae = dict(SD_VAE, scaling_factor=0.13025, force_upcast=True, sample_size=1024)
         return "sdxl", SDXL_UNET, vae, [_text_cfg(CLIP_L), _text_cfg(CLIP_G)], tiny.scheduler_config("sdxl")
-    raise ValueError(f"model: expected tiny, tiny-sdxl, sd15 or sdxl, got {model!r}")
+    raise ValueError(f"model: expected tiny, tiny-sdxl, sd15, sd15-small or sdxl, got {model!r}")
 
 
 def build(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, need_ours: bool = True):
