@@ -61,8 +61,12 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32, variant: Optional[str] = None) -> "Pipeline":
-        """Load a diffusers-layout folder; the family is read from its configs."""
+        """Load a diffusers-layout folder (the family is read from its configs), or a
+        single-file checkpoint (see :meth:`from_single_file`)."""
         from .loading.folder import load_components
+
+        if Path(path).is_file():
+            return cls.from_single_file(path, device=device, dtype=dtype)
 
         c = load_components(path, device=device, dtype=dtype, variant=variant)
         index_file = Path(path) / "model_index.json"

@@ -133,8 +133,8 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu",
     if not root.is_dir():
         raise ValueError(
             f"{root}: not a folder; expected a diffusers model folder (model_index.json, unet/, vae/, "
-            "text_encoder/, tokenizer/, scheduler/). Single-file checkpoints (.safetensors/.ckpt) are "
-            "not supported yet"
+            "text_encoder/, tokenizer/, scheduler/); for a single-file checkpoint (.safetensors/.ckpt) "
+            "use Pipeline.from_single_file"
         )
     model_index = read_json(root / "model_index.json")
 
