@@ -1,12 +1,23 @@
 """controldiff: composable controlled generation for Stable Diffusion-family models.
 
     pipe = controldiff.Pipeline.from_pretrained("path/to/model")
-    out = pipe("a photo of a cat", num_inference_steps=30, seed=1)
+    out = pipe("a photo of a cat", num_inference_steps=30, seed=1,
+               controls=[controldiff.SAG(0.75), controldiff.PAG(3.0)])
     out.images[0].save("cat.png")
 """
+from .controls.controlnet import ControlNet
+from .controls.pag import PAG
+from .controls.sag import SAG
+from .controls.sega import SEGA, Concept
+from .controls.t2i_adapter import T2IAdapter
+from .loading.control_models import load_controlnet, load_t2i_adapter
 from .pipeline import Output, Pipeline
-from .sampling.control import Branch, Context, Control, ModelCall, Step
+from .sampling.control import Branch, Context, Control, ModelCall, Step, View
 from .schedulers import NAMES as SCHEDULERS
 
-__all__ = ["Pipeline", "Output", "Control", "Branch", "Context", "ModelCall", "Step", "SCHEDULERS"]
+__all__ = [
+    "Pipeline", "Output", "SCHEDULERS",
+    "SEGA", "Concept", "SAG", "PAG", "ControlNet", "T2IAdapter", "load_controlnet", "load_t2i_adapter",
+    "Control", "Branch", "Context", "ModelCall", "Step", "View",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Self-attention guidance (SAG), as diffusers' ``StableDiffusionSAGPipeline``.
+
+The mid-block's first self-attention map of the unconditional branch ("cond" when
+guidance is off) marks where the image attends most; the predicted x0 is blurred there,
+re-noised to the current level and run through the UNet again (with that branch's
+text and any residuals other controls added); the guidance is
+``scale * (pred - degraded_pred)``, added after CFG.
+
+Only that one site gets a processor, and only for this call: it leaves every row's
+output to the inner (default) computation and computes explicit-softmax maps for the
+rows it reads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling.control import Control
+from ..schedulers.base import KSigmaScheduler
+from ..text.encode import TextCond
+
+SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """The reference's separable Gaussian kernel, reflect-padded, per channel."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    k = (pdf / pdf.sum()).to(device=img.device, dtype=img.dtype)
+    k2 = torch.mm(k[:, None], k[None, :]).expand(img.shape[-3], 1, kernel_size, kernel_size)
+    pad = kernel_size // 2
+    return F.conv2d(F.pad(img, [pad] * 4, mode="reflect"), k2, groups=img.shape[-3])
+
+
+def _rows_of(value, rows: slice):
+    """The batch rows of a UNet keyword argument (residual tensors, lists of them)."""
+    if torch.is_tensor(value):
+        return value[rows]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows_of(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows) for k, v in value.items()}
+    return value
+
+
+class SAG(Control):
+    def __init__(self, scale: float = 0.75):
+        if not isinstance(scale, (int, float)) or scale < 0:
+            raise ValueError(f"scale: expected a non-negative number, got {scale!r}")
+        self.scale = float(scale)
+        self._probs = None
+
+    def setup(self, ctx):
+        if self.scale == 0:
+            return
+        if SITE not in ctx.unet.attention_sites():
+            raise ValueError("SAG: the UNet has no mid-block self-attention "
+                             f"({SITE}) to read the attention map from")
+        kind = ctx.scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"scheduler: SAG supports epsilon, v_prediction and sample models, got {kind!r}")
+
+    @staticmethod
+    def _source(call) -> str:
+        return "uncond" if "uncond" in call.slices else "cond"
+
+    def prepare_call(self, ctx, step, call):
+        if self.scale == 0:
+            return
+        rows = call.rows(self._source(call))
+        self._probs = None
+
+        def wrap(inner):
+            def read_map(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+                out = inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+                h = hidden_states[rows]
+                q, k = attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h))
+                self._probs = attn.probs(q, k, attention_mask)
+                return out
+            return read_map
+
+        call.add_processor(SITE, wrap)
+
+    def combine(self, ctx, step, preds, noise):
+        if self.scale == 0:
+            return noise
+        call = step.call
+        src = self._source(call)
+        rows = call.rows(src)
+        pred = preds[src]
+        channels = pred.shape[1]
+        x = call.x[rows, :channels]   # the model input: alpha-space latents for every scheduler
+        alpha = self._alpha_prod(ctx.scheduler, step.t, x)
+        x0, eps = self._x0_eps(ctx.scheduler.config.prediction_type, x, pred, alpha)
+        degraded = self._degrade(ctx, x0, self._probs, eps, step.t, alpha)
+        self._probs = None
+        if call.x.shape[1] > channels:   # extra input channels (inpainting): as the branch had them
+            degraded = torch.cat([degraded, call.x[rows, channels:]], dim=1)
+        added = call.kwargs.get("added_cond_kwargs")
+        text = TextCond(call.embeds[rows], None if added is None else added["text_embeds"][rows])
+        time_ids = None if added is None else added["time_ids"][rows]
+        extra = {k: _rows_of(v, rows) for k, v in call.kwargs.items() if k != "added_cond_kwargs"}
+        degraded_pred = ctx.run_unet(degraded, step.t, text, time_ids=time_ids, **extra)
+        return noise + self.scale * (pred - degraded_pred)
+
+    @staticmethod
+    def _alpha_prod(sched, t, x):
+        """alpha_bar of this step: from the timestep like the reference, or from the sigma of
+        k-diffusion schedulers (whose model input x / sqrt(sigma^2+1) is alpha-space)."""
+        if isinstance(sched, KSigmaScheduler):
+            sigma = sched.sigmas[sched.step_index].to(x.device, x.dtype)
+            return 1 / (sigma**2 + 1)
+        return sched.alphas_cumprod[t].to(x.device)
+
+    @staticmethod
+    def _x0_eps(kind, x, out, alpha):
+        beta = 1 - alpha
+        if kind == "epsilon":
+            return (x - beta ** (0.5) * out) / alpha ** (0.5), out
+        if kind == "v_prediction":
+            return (alpha**0.5) * x - (beta**0.5) * out, (beta**0.5) * x + (alpha**0.5) * out
+        return out, (x - (alpha**0.5) * out) / (beta**0.5)
+
+    def _degrade(self, ctx, x0, probs, eps, t, alpha):
+        """Blur x0 where the map is attended most, then noise it back to step t."""
+        b, c, lh, lw = x0.shape
+        mh, mw = lh, lw
+        for _ in range(len(ctx.unet.config.block_out_channels) - 1):  # stride-2 convs: ceil halving
+            mh, mw = math.ceil(mh / 2), math.ceil(mw / 2)
+        if probs is None or mh * mw != probs.shape[-1]:
+            raise RuntimeError("SAG: the mid-block attention map was not captured for this call")
+        mask = probs.mean(1).sum(1) > 1.0
+        mask = mask.reshape(b, mh, mw).unsqueeze(1).repeat(1, c, 1, 1).type(probs.dtype)
+        mask = F.interpolate(mask, (lh, lw))
+        degraded = gaussian_blur_2d(x0, kernel_size=9, sigma=1.0)
+        degraded = degraded * mask + x0 * (1 - mask)
+        if isinstance(ctx.scheduler, KSigmaScheduler):
+            return alpha**0.5 * degraded + (1 - alpha) ** 0.5 * eps
+        return ctx.scheduler.add_noise(degraded, noise=eps, timesteps=t[None])

@@ -1,0 +1,57 @@
+"""Loading ControlNets and T2I-Adapters from diffusers-format folders.
+
+A folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``,
+read with ``weights_only=True``), as written by diffusers' ``save_pretrained``. A model
+repository with the component in a ``controlnet/`` or ``adapter/`` subfolder works too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..models.config import read_json
+from ..models.controlnet import ControlNetModel
+from ..models.t2i_adapter import T2IAdapter
+from .weights import find_weights, load_model
+
+PathLike = Union[str, Path]
+
+
+def _component_folder(path: PathLike, subfolder: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: {what} folder not found")
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: expected a diffusers {what} folder (config.json + weights), got a file")
+    if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
+        folder = folder / subfolder
+    return folder
+
+
+def _read_config(folder: Path, class_names: tuple[str, ...], what: str) -> dict:
+    path = folder / "config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    name = config.get("_class_name")
+    if name is not None and name not in class_names:
+        raise ValueError(f"{path}: this is a {name} config, not a {what} ({' or '.join(class_names)})")
+    return config
+
+
+def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
+                    dtype: torch.dtype = torch.float32) -> ControlNetModel:
+    """A diffusers ``ControlNetModel`` folder as our :class:`ControlNetModel`."""
+    folder = _component_folder(path, "controlnet", "ControlNet")
+    config = _read_config(folder, ("ControlNetModel",), "ControlNet")
+    return load_model(lambda: ControlNetModel(config), find_weights(folder), device=device, dtype=dtype)
+
+
+def load_t2i_adapter(path: PathLike, device: Union[str, torch.device] = "cpu",
+                     dtype: torch.dtype = torch.float32) -> T2IAdapter:
+    """A diffusers ``T2IAdapter`` folder as our :class:`T2IAdapter`."""
+    folder = _component_folder(path, "adapter", "T2I-Adapter")
+    config = _read_config(folder, ("T2IAdapter",), "T2I-Adapter")
+    return load_model(lambda: T2IAdapter(config), find_weights(folder), device=device, dtype=dtype)
