@@ -42,7 +42,7 @@ def image_size(image) -> tuple[int, int]:
     raise ValueError(f"image: expected a PIL image, numpy array, tensor or path, got {type(image).__name__}")
 
 
-def _to_tensor01(image, height: int, width: int, mode: str, argument: str) -> torch.Tensor:
+def to_tensor01(image, height: int, width: int, mode: str, argument: str) -> torch.Tensor:
     """Any input -> (N, C, height, width) float tensor in [0, 1], resized like diffusers."""
     image = load_image(image, argument)
     items = image if isinstance(image, list) else [image]
@@ -75,7 +75,7 @@ def _to_tensor01(image, height: int, width: int, mode: str, argument: str) -> to
 
 def preprocess_image(image, height: int, width: int, argument: str = "image") -> torch.Tensor:
     """To (N, 3, H, W) in [-1, 1]."""
-    t = _to_tensor01(image, height, width, "RGB", argument)
+    t = to_tensor01(image, height, width, "RGB", argument)
     if t.shape[1] == 1:
         t = t.expand(-1, 3, -1, -1)
     if t.shape[1] != 3:
@@ -85,7 +85,7 @@ def preprocess_image(image, height: int, width: int, argument: str = "image") ->
 
 def preprocess_mask(mask, height: int, width: int, argument: str = "mask_image") -> torch.Tensor:
     """To (N, 1, H, W) of 0/1; white (>= 0.5) marks the area to repaint."""
-    t = _to_tensor01(mask, height, width, "L", argument)
+    t = to_tensor01(mask, height, width, "L", argument)
     if t.shape[1] != 1:
         t = t[:, :1]
     return (t >= 0.5).to(t.dtype)

@@ -221,6 +221,9 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
             height = ih - ih % self.latent_factor if height is None else height
             width = iw - iw % self.latent_factor if width is None else width
         dh, dw = self.default_size
+        suggested = next((s for s in (c.default_size() for c in controls) if s is not None), None)
+        if suggested is not None:  # e.g. a ControlNet image's size, rounded down to the latent factor
+            dh, dw = (v - v % self.latent_factor for v in suggested)
         height = dh if height is None else height
         width = dw if width is None else width
         f = self.latent_factor

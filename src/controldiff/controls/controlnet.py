@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..images import _to_tensor01, load_image
+from ..images import image_size, to_tensor01, load_image
 from ..models.controlnet import ControlNetModel
 from ..sampling.control import Control, crop_views
 
@@ -32,7 +32,7 @@ def control_image(image, ctx, channels: int, owner: str, expand: bool = True) ->
     images per prompt (diffusers' ``repeat_interleave``); ``expand=False`` checks that but
     returns the k images."""
     mode = "L" if channels == 1 else "RGB"
-    t = _to_tensor01(image, ctx.height, ctx.width, mode, "image")
+    t = to_tensor01(image, ctx.height, ctx.width, mode, "image")
     if t.shape[1] != channels:
         raise ValueError(f"image: {owner} expects a control image with {channels} channel(s), got {t.shape[1]}")
     n = t.shape[0]
@@ -92,7 +92,11 @@ class ControlNet(Control):
         self._cond: Optional[torch.Tensor] = None
         self._cache: tuple = (None, None)
 
+    def default_size(self):
+        return image_size(self.image)
+
     # ---------------------------------------------------------------- setup
+
     def _check_model(self, ctx) -> None:
         cn, unet = self.model.config, ctx.unet.config
         problems = []

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..images import load_image
+from ..images import image_size, load_image
 from ..models.t2i_adapter import T2IAdapter as T2IAdapterModel
 from ..sampling.control import Control, View
 from .controlnet import check_device, check_scale, control_image
@@ -70,6 +70,9 @@ class T2IAdapter(Control):
         self.scale = check_scale(scale)
         self._features: Optional[list] = None
         self._cache: tuple = (None, None)
+
+    def default_size(self):
+        return image_size(self.image)
 
     def _describe(self) -> str:
         c = self.model.config

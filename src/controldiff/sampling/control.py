@@ -169,6 +169,11 @@ class Control:
     def setup(self, ctx: Context) -> None:
         pass
 
+    def default_size(self) -> Optional[tuple[int, int]]:
+        """(height, width) in pixels this control suggests when the caller gives none
+        (e.g. a ControlNet's image size, as the reference pipelines do)."""
+        return None
+
     def branches(self, ctx: Context, step: Step) -> list[Branch]:
         return []
 
