@@ -73,11 +73,19 @@ def test_inpaint_model_needs_mask(tiny_model):
         run(p)
 
 
-def test_long_prompt_warns_with_dropped_text(pipe):
+def test_long_prompt_is_chunked_not_truncated(pipe):
     words = " ".join(["word"] * 30) + " ENDING"
-    with pytest.warns(UserWarning, match="dropped.*ending"):
-        run(pipe, prompt=words)
-
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        chunked = run(pipe, prompt=words)
+    assert not [w for w in seen if "dropped" in str(w.message)]
+    pipe.prompt_encoder.truncate = True
+    try:
+        with pytest.warns(UserWarning, match="dropped.*ending"):
+            truncated = run(pipe, prompt=words)
+    finally:
+        pipe.prompt_encoder.truncate = False
+    assert np.abs(chunked.images - truncated.images).max() > 1e-4  # the tail is not lost
 
 def test_output_types(pipe):
     np_img = run(pipe).images

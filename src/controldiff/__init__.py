@@ -6,6 +6,10 @@
     out.images[0].save("cat.png")
 """
 from .controls.controlnet import ControlNet
+from .controls.depth import Depth
+from .controls.instruct_pix2pix import InstructPix2Pix
+from .controls.multidiffusion import MultiDiffusion
+from .controls.regions import Region, Regions
 from .controls.pag import PAG
 from .controls.sag import SAG
 from .controls.sega import SEGA, Concept
@@ -18,6 +22,7 @@ from .schedulers import NAMES as SCHEDULERS
 __all__ = [
     "Pipeline", "Output", "SCHEDULERS",
     "SEGA", "Concept", "SAG", "PAG", "ControlNet", "T2IAdapter", "load_controlnet", "load_t2i_adapter",
+    "MultiDiffusion", "Regions", "Region", "InstructPix2Pix", "Depth",
     "Control", "Branch", "Context", "ModelCall", "Step", "View",
 ]
 __version__ = "0.1.0"

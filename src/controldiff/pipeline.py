@@ -108,8 +108,16 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
 
     def _place(self, cond: TextCond, n: int) -> TextCond:
         """On the model's device and dtype, each prompt repeated n times."""
-        pooled = None if cond.pooled is None else cond.pooled.to(self.device, self.dtype)
-        return TextCond(cond.embeds.to(self.device, self.dtype), pooled).repeat(n)
+        return cond.to(self.device, self.dtype).repeat(n)
+
+    @property
+    def prompt_syntax(self) -> str:
+        """How prompt strings are read: "a1111" (default), "compel" or "none"."""
+        return self.prompt_encoder.syntax
+
+    @prompt_syntax.setter
+    def prompt_syntax(self, value: str) -> None:
+        self.prompt_encoder.syntax = value
 
     def _time_ids(self, size, crops, target, batch: int) -> torch.Tensor:
         ids = list(size) + list(crops) + list(target)
@@ -132,6 +140,15 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         sf = self.vae.config.scaling_factor
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((latents - shift) * sf).to(self.dtype)
+
+    def _decode_wrapped(self, latents: torch.Tensor, pad: int) -> torch.Tensor:
+        """Decode; with ``pad`` (circular panoramas) decode with ``pad`` latent columns wrapped
+        around each side and cut them off again, so the left and right edges join seamlessly."""
+        if not pad:
+            return self._decode(latents)
+        image = self._decode(torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1))
+        cut = pad * self.latent_factor
+        return image[..., cut:-cut]
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config
@@ -254,6 +271,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator,
                       encode=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")), num_images_per_prompt),
                       vae=self.vae, info=self.info, height=height, width=width)
+        ctx.extras["guidance_scale"] = guidance_scale
         if sdxl:
             size = (height, width)
             ctx.time_ids = self._time_ids(original_size or size, crops_coords_top_left, target_size or size, batch)
@@ -280,7 +298,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
                         scheduler=scheduler or sched.name, seed=seed, strength=strength)
         if output_type == "latent":
             return Output(latents, seed, done, cancelled, settings)
-        decoded = self._decode(latents)
+        decoded = self._decode_wrapped(latents, ctx.extras.get("decode_wrap", 0))
         if torch.isnan(decoded).any():
             raise FloatingPointError(
                 "the decoded image contains NaN: the model overflowed "

@@ -76,9 +76,7 @@ class SEGA(Control):
         self._text = {}
         for c in self.concepts:
             text = ctx.encode(c.prompt)  # one row per image of one prompt: spread over the batch
-            rows = ctx.batch // text.embeds.shape[0]
-            pooled = None if text.pooled is None else text.pooled.repeat(rows, 1)
-            self._text[self.branch_name(c)] = TextCond(text.embeds.repeat(rows, 1, 1), pooled)
+            self._text[self.branch_name(c)] = text.tile(ctx.batch // text.embeds.shape[0])
 
     def branches(self, ctx, step):
         return [Branch(name, text) for name, text in self._text.items()]

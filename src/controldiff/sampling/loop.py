@@ -40,7 +40,7 @@ def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[B
     text = TextCond.cat([b.text for b in branches])
     rows = ctx.batch * v
     slices = {b.name: slice(i * rows, (i + 1) * rows) for i, b in enumerate(branches)}
-    embeds = text.embeds if v == 1 else torch.cat([b.text.embeds.repeat(v, 1, 1) for b in branches])
+    embeds = text.embeds if v == 1 else torch.cat([b.text.pad_to(text.length).embeds.repeat(v, 1, 1) for b in branches])
     call = ModelCall(x=x, t=step.t, embeds=embeds, branches=branches, slices=slices, views=views)
     if text.pooled is not None:
         pooled = torch.cat([b.text.pooled.repeat(v, 1) for b in branches])

@@ -1,7 +1,9 @@
 """Prompt encoding with the CLIP text encoders, as the reference pipelines do it.
 
 SD1/SD2: the last hidden state of one encoder. SDXL: the penultimate hidden states of
-both encoders side by side, plus the second encoder's pooled projection.
+both encoders side by side, plus the second encoder's pooled projection. On top:
+weighting syntaxes (``weighting.py``, ``emphasis.py``) and long prompts in chunks
+(``chunks.py``); a plain prompt of at most 75 tokens gives exactly the diffusers encoding.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from . import emphasis
+from .chunks import Chunks, build_chunks, describe, empty_chunk
+from .weighting import SYNTAXES, Blend, Fragment, parse
 
 
 def as_list(value, name: str) -> list[str]:
@@ -34,47 +40,104 @@ def _spread(values: Optional[list[str]], batch: int, name: str) -> Optional[list
 
 @dataclass
 class TextCond:
-    """Text conditioning for a batch: token embeddings and, for SDXL, pooled embeddings."""
+    """Text conditioning for a batch: token embeddings and, for SDXL, pooled embeddings.
+
+    ``embeds`` is (batch, chunks * L, D): long prompts have several chunks of the encoder's
+    window L. ``empty`` (1, L, D) is the encoding of an empty chunk (all encoders side by
+    side): conds with fewer chunks are padded with it to share a batch (``pad_to``, ``cat``).
+    """
 
     embeds: torch.Tensor
     pooled: Optional[torch.Tensor] = None
+    empty: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+    def to(self, device=None, dtype=None) -> "TextCond":
+        move = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+        return TextCond(move(self.embeds), move(self.pooled), move(self.empty))
+
+    def pad_to(self, length: int) -> "TextCond":
+        """The same conditioning padded with empty chunks to ``length`` tokens."""
+        if length == self.length:
+            return self
+        if self.empty is None or length < self.length or (length - self.length) % self.empty.shape[1]:
+            chunk = None if self.empty is None else self.empty.shape[1]
+            raise ValueError(f"prompt embeddings: cannot pad {self.length} tokens to {length} "
+                             f"(empty chunk of {chunk} tokens)")
+        n = (length - self.length) // self.empty.shape[1]
+        pad = self.empty.to(self.embeds.device, self.embeds.dtype).repeat(self.embeds.shape[0], n, 1)
+        return TextCond(torch.cat([self.embeds, pad], dim=1), self.pooled, self.empty)
 
     def repeat(self, n: int) -> "TextCond":
         """Each prompt repeated n times in a row (num_images_per_prompt)."""
         if n == 1:
             return self
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0)
-        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled)
+        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty)
+
+    def tile(self, n: int) -> "TextCond":
+        """The whole batch repeated n times (views, concept rows), ``empty`` kept for padding."""
+        if n == 1:
+            return self
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return TextCond(self.embeds.repeat(n, 1, 1), pooled, self.empty)
 
     def zeros_like(self) -> "TextCond":
         pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
-        return TextCond(torch.zeros_like(self.embeds), pooled)
+        empty = None if self.empty is None else torch.zeros_like(self.empty)
+        return TextCond(torch.zeros_like(self.embeds), pooled, empty)
 
     @staticmethod
     def cat(conds: Sequence["TextCond"]) -> "TextCond":
-        lengths = {c.embeds.shape[1] for c in conds}
-        if len(lengths) > 1:
-            raise ValueError(f"prompt embeddings of different lengths cannot share a batch: {sorted(lengths)}")
+        """One batch of several conds; those with fewer chunks are padded with their empty chunk."""
+        length = max(c.length for c in conds)
+        conds = [c.pad_to(length) for c in conds]
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        return TextCond(torch.cat([c.embeds for c in conds]), pooled)
+        empty = next((c.empty for c in conds if c.empty is not None), None)
+        return TextCond(torch.cat([c.embeds for c in conds]), pooled, empty)
+
+
+def pad_same(conds: Sequence[TextCond]) -> list[TextCond]:
+    """Conds padded to the same number of chunks (prompt and negative prompt)."""
+    length = max(c.length for c in conds)
+    return [c.pad_to(length) for c in conds]
 
 
 class PromptEncoder:
     """Turns prompts into TextCond with the model's tokenizers and encoders.
 
-    ``penultimate`` selects the SDXL convention (hidden_states[-2] of every encoder);
+    ``syntax``: "a1111" (default), "compel" or "none" (plain text, as diffusers); see
+    ``text/weighting.py``. Prompts longer than the encoder's window are encoded in chunks
+    (``text/chunks.py``); ``truncate=True`` keeps only the first chunk, with a warning,
+    as diffusers does. SDXL: the penultimate hidden states of every encoder side by side
+    and the last encoder's pooled output of the first chunk (unweighted, as A1111);
     ``clip_skip`` skips that many more final layers, as diffusers does.
     """
 
-    def __init__(self, tokenizers, text_encoders, sdxl: bool):
+    def __init__(self, tokenizers, text_encoders, sdxl: bool, syntax: str = "a1111", truncate: bool = False):
         if len(tokenizers) != len(text_encoders) or not tokenizers:
             raise ValueError("PromptEncoder: need one tokenizer per text encoder")
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.sdxl = sdxl
-        # word -> replacement applied to every prompt before tokenising (textual inversion's
-        # multi-vector tokens "tok" -> "tok tok_1 tok_2", as diffusers' maybe_convert_prompt)
+        self.syntax = syntax
+        self.truncate = bool(truncate)
+        # word -> replacement applied to the text of every fragment before tokenising (textual
+        # inversion's multi-vector tokens "tok" -> "tok tok_1 tok_2", as diffusers' maybe_convert_prompt)
         self.expansions: dict[str, str] = {}
+
+    @property
+    def syntax(self) -> str:
+        return self._syntax
+
+    @syntax.setter
+    def syntax(self, value: str) -> None:
+        if value not in SYNTAXES:
+            raise ValueError(f"syntax: expected one of {SYNTAXES}, got {value!r}")
+        self._syntax = value
 
     def expand(self, prompt: str) -> str:
         for word, replacement in self.expansions.items():
@@ -85,26 +148,11 @@ class PromptEncoder:
     def device(self) -> torch.device:
         return next(self.text_encoders[-1].parameters()).device
 
-    def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        prompts = [self.expand(p) for p in prompts]
-        max_len = tokenizer.model_max_length
-        ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
-        full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            for row in full:
-                dropped = tokenizer.decode(row[max_len - 1 : -1], skip_special_tokens=True).strip()
-                if dropped:
-                    warnings.warn(
-                        f"prompt: longer than the text encoder's {max_len}-token window; this part was dropped: "
-                        f"{dropped!r}",
-                        stacklevel=4,
-                    )
-        return ids
-
     @torch.no_grad()
     def encode_pair(self, prompts, negative=None, prompts_2=None, negative_2=None, *, guided: bool = True,
                     zero_negative: bool = False, clip_skip: Optional[int] = None) -> dict:
-        """{"cond": ..., "uncond": ...} for a batch of prompts and their negative prompts.
+        """{"cond": ..., "uncond": ...} for a batch of prompts and their negative prompts,
+        padded to the same number of chunks.
 
         ``zero_negative``: the unconditional embedding is zeros (SDXL with no negative prompt).
         Like diffusers, the negative prompt is encoded without clip_skip.
@@ -122,38 +170,146 @@ class PromptEncoder:
                              "negative_prompt_2")
         if self.sdxl and negative_2 is None:
             negative_2 = negative
-        return {"cond": cond, "uncond": self.encode(negative, negative_2)}
+        cond, uncond = pad_same([cond, self.encode(negative, negative_2)])
+        return {"cond": cond, "uncond": uncond}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], prompts_2: Optional[list[str]] = None, clip_skip: Optional[int] = None) -> TextCond:
+    def encode(self, prompts: list[str], prompts_2: Optional[list[str]] = None,
+               clip_skip: Optional[int] = None) -> TextCond:
+        prompts = as_list(prompts, "prompt")
         if self.sdxl:
-            return self._encode_sdxl(prompts, prompts_2 or prompts, clip_skip)
-        tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
-        ids = self._ids(tokenizer, prompts).to(self.device)
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").attention_mask.to(self.device)
-        if clip_skip is None:
-            embeds = encoder(ids, attention_mask=mask)[0]
+            prompts_2 = prompts if prompts_2 is None else as_list(prompts_2, "prompt_2")
+            if len(prompts_2) != len(prompts):
+                raise ValueError(f"prompt_2: got {len(prompts_2)} prompts for {len(prompts)} prompts")
+            # A refiner has only the second encoder: it gets prompt_2 alone, as in diffusers.
+            texts = [prompts, prompts_2][-len(self.text_encoders):]
         else:
-            hidden = encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            embeds = encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
-        return TextCond(embeds)
-
-    def _encode_sdxl(self, prompts, prompts_2, clip_skip) -> TextCond:
-        if len(prompts_2) != len(prompts):
-            raise ValueError(f"prompt_2: got {len(prompts_2)} prompts for {len(prompts)} prompts")
-        # A refiner has only the second encoder: it gets prompt_2 alone, as in diffusers.
-        texts = [prompts, prompts_2][-len(self.text_encoders):]
-        embeds, pooled = [], None
-        for text, tokenizer, encoder in zip(texts, self.tokenizers, self.text_encoders):
-            ids = self._ids(tokenizer, text).to(next(encoder.parameters()).device)
-            out = encoder(ids, output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]
-            layer = -2 if clip_skip is None else -(clip_skip + 2)
-            embeds.append(out.hidden_states[layer])
-        if pooled is None:
+            texts = [prompts]
+        parts = [self._encode_with(i, text, clip_skip) for i, text in enumerate(texts)]
+        length = max(p.length for p in parts)
+        parts = [p.pad_to(length) for p in parts]
+        embeds = torch.cat([p.embeds for p in parts], dim=-1)
+        empty = torch.cat([p.empty.to(embeds.device) for p in parts], dim=-1)
+        pooled = parts[-1].pooled if self.sdxl else None
+        if self.sdxl and pooled is None:
             raise ValueError("text_encoder_2: an SDXL model needs a CLIPTextModelWithProjection as its last encoder")
-        return TextCond(torch.cat(embeds, dim=-1), pooled)
+        return TextCond(embeds, pooled, empty)
+
+    # ------------------------------------------------------------------ one encoder
+    def _layer(self, index: int, clip_skip: Optional[int]) -> tuple[Optional[int], bool]:
+        """(hidden_states index or None for the last hidden state, apply final_layer_norm)."""
+        if clip_skip is not None:
+            layers = self.text_encoders[index].config.num_hidden_layers
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0 \
+                    or clip_skip + (2 if self.sdxl else 1) > layers + 1:
+                raise ValueError(f"clip_skip: expected an integer from 0 to {layers - (1 if self.sdxl else 0)} "
+                                 f"for this {layers}-layer text encoder, got {clip_skip!r}")
+        if self.sdxl:
+            return (-2 if clip_skip is None else -(clip_skip + 2)), False
+        return (None, False) if clip_skip is None else (-(clip_skip + 1), True)
+
+    def _run(self, index: int, ids: torch.Tensor, mask: Optional[torch.Tensor], layer) -> tuple:
+        """Hidden states (N, L, D) and pooled output (N, P) or None of encoder ``index``."""
+        encoder = self.text_encoders[index]
+        device = next(encoder.parameters()).device
+        mask = None if mask is None else mask.to(device)
+        hidden_index, norm = layer
+        if hidden_index is None:
+            out = encoder(ids.to(device), attention_mask=mask)
+            z = out[0]
+        else:
+            out = encoder(ids.to(device), attention_mask=mask, output_hidden_states=True)
+            z = out.hidden_states[hidden_index]
+            if norm:
+                # transformers 5's CLIPTextModel holds final_layer_norm itself; 4.x under .text_model
+                z = getattr(encoder, "text_model", encoder).final_layer_norm(z)
+        pooled = out[0] if out[0].ndim == 2 else None
+        return z, pooled
+
+    def _uses_mask(self, index: int) -> bool:
+        return not self.sdxl and bool(getattr(self.text_encoders[index].config, "use_attention_mask", False))
+
+    def _chunks(self, tokenizer, fragments) -> Chunks:
+        chunks = build_chunks(tokenizer, fragments, self.expand)
+        if self.truncate and chunks.count > 1:
+            dropped = " ".join(describe(tokenizer, chunks)[1:]).strip()
+            if dropped:
+                warnings.warn(f"prompt: longer than the text encoder's {tokenizer.model_max_length}-token window; "
+                              f"this part was dropped (truncate=True): {dropped!r}", stacklevel=5)
+            n = tokenizer.model_max_length
+            chunks = Chunks(chunks.ids[:1], chunks.weights[:1], chunks.mask[:1],
+                            [[p for p in span if p < n] for span in chunks.spans])
+        return chunks
+
+    def _encode_with(self, index: int, prompts: list[str], clip_skip: Optional[int]) -> TextCond:
+        """One encoder: every prompt parsed, chunked, encoded in one batch, weighted, padded."""
+        tokenizer = self.tokenizers[index]
+        limit = getattr(self.text_encoders[index].config, "max_position_embeddings", None)
+        if limit is not None and tokenizer.model_max_length > limit:
+            raise ValueError(f"tokenizer: model_max_length {tokenizer.model_max_length} exceeds the text encoder's "
+                             f"{limit} positions")
+        layer = self._layer(index, clip_skip)
+        use_mask = self._uses_mask(index)
+        parsed = [parse(p, self.syntax) for p in prompts]
+        flats: list[list[Fragment]] = []
+        for conj in parsed:
+            for operand in conj.prompts:
+                flats.extend(operand.prompts if isinstance(operand, Blend) else [operand])
+        chunks = [self._chunks(tokenizer, f) for f in flats]
+
+        blank = empty_chunk(tokenizer)
+        empty, _ = self._run(index, blank.ids, blank.mask if use_mask else None, layer)
+        ids = torch.cat([c.ids for c in chunks])
+        mask = torch.cat([c.mask for c in chunks]) if use_mask else None
+        z_all, pooled_all = self._run(index, ids, mask, layer)
+
+        encoded: list[torch.Tensor] = []  # per flat prompt: (1, k * L, D)
+        firsts: list[Optional[torch.Tensor]] = []  # pooled output of its first chunk
+        start = 0
+        for flat, c in zip(flats, chunks):
+            z = z_all[start:start + c.count]
+            firsts.append(None if pooled_all is None else pooled_all[start:start + 1])
+            start += c.count
+            if self.syntax == "a1111":
+                z = emphasis.a1111(z, c.weights)
+            elif self.syntax == "compel":
+                z = self._compel_weights(index, layer, flat, c, z, empty)
+            encoded.append(z.reshape(1, -1, z.shape[-1]))
+
+        empty_cond = TextCond(empty[:1], None, empty[:1])
+        rows, pooled_rows, i = [], [], 0
+        for conj in parsed:
+            parts = []
+            for operand, weight in zip(conj.prompts, conj.weights):
+                if isinstance(operand, Blend):
+                    blended = pad_same([TextCond(e, None, empty) for e in encoded[i:i + len(operand.prompts)]])
+                    first = firsts[i]
+                    i += len(operand.prompts)
+                    part = emphasis.weighted_sum([b.embeds for b in blended], operand.weights, operand.normalize)
+                else:
+                    part, first = encoded[i], firsts[i]
+                    i += 1
+                if not parts:
+                    pooled_rows.append(first)
+                if weight != 1:  # compel .and() weights: lerp from the empty prompt
+                    blank_cond = empty_cond.pad_to(part.shape[1]).embeds
+                    part = blank_cond + (part - blank_cond) * weight
+                parts.append(part)
+            rows.append(TextCond(torch.cat(parts, dim=1), None, empty))
+        rows = pad_same(rows)
+        pooled = None if pooled_all is None else torch.cat(pooled_rows)
+        return TextCond(torch.cat([r.embeds for r in rows]), pooled, empty)
+
+    def _compel_weights(self, index, layer, fragments, chunks: Chunks, z, empty) -> torch.Tensor:
+        """compel: weights applied around the empty chunk; fragments below 1 also lerped toward
+        the prompt encoded with them masked out (compel's DownweightMode.MASK)."""
+        base = emphasis.compel(z, chunks.weights, empty)
+        without, weights = [], []
+        for fragment, span in zip(fragments, chunks.spans):
+            if fragment.weight < 1 and span:
+                mask = torch.ones_like(chunks.ids).view(-1)
+                mask[span] = 0
+                z_masked, _ = self._run(index, chunks.ids, mask.view(chunks.ids.shape), layer)
+                without.append(emphasis.compel(z_masked, chunks.weights, empty))
+                weights.append(fragment.weight)
+        return emphasis.downweight_lerp(base, without, weights)
