@@ -127,3 +127,52 @@ def test_controls_rejected_on_models_they_cannot_serve(tiny_model, tiny_controls
         with pytest.raises(ValueError) as e:
             _gen(pipe, [control])
         assert type(control).__name__ in str(e.value) or "channel" in str(e.value)
+
+
+def _kohya_lora(pipe, path, seed=0, rank=2):
+    """A kohya-format LoRA over every attention projection of the UNet."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(state, str(path))
+    return path
+
+
+def test_lora_textual_inversion_weighting_with_controls(tiny_model, tiny_controls, tmp_path):
+    """Issue 4's loaders and prompt syntax together with issue 3's controls, in one call."""
+    from safetensors.torch import save_file
+
+    pipe = _pipe(tiny_model("sd1"))
+    cn, _ = tiny_controls["sd1"]
+    lora = _kohya_lora(pipe, tmp_path / "style.safetensors")
+    save_file({"<cat-toy>": torch.randn(2, 32, generator=torch.Generator().manual_seed(7)) * 2},
+              str(tmp_path / "toy.safetensors"))
+    prompt = "a (<cat-toy>:1.3) on a [mat], " + ", ".join(["very detailed"] * 20)  # > 75 tokens: two chunks
+    controls = {"SEGA": cd.SEGA([cd.Concept("smiling " * 30, scale=4.0, warmup=0)]),  # a long concept prompt
+                "ControlNet": cd.ControlNet(cn, _control_image((64, 128)), scale=0.8),
+                "MultiDiffusion": cd.MultiDiffusion(window=64, stride=32)}
+    kw = dict(num_inference_steps=3, seed=3, output_type="np", scheduler="euler_a", width=128, height=64,
+              negative_prompt="blurry")
+    base = pipe(prompt, controls=list(controls.values()), **kw).images
+    pipe.load_textual_inversion(tmp_path / "toy.safetensors")
+    with_ti = pipe(prompt, controls=list(controls.values()), **kw).images
+    pipe.load_lora(lora, weight=0.8)
+    both = pipe(prompt, controls=list(controls.values()), **kw).images
+    assert np.isfinite(both).all()
+    assert np.abs(with_ti - base).max() > 1e-3 and np.abs(both - with_ti).max() > 1e-3
+    unweighted = pipe(prompt.replace("(<cat-toy>:1.3)", "<cat-toy>").replace("[mat]", "mat"),
+                      controls=list(controls.values()), **kw).images
+    assert np.abs(both - unweighted).max() > 1e-4
+    for name in controls:
+        rest = [c for n, c in controls.items() if n != name]
+        assert np.abs(pipe(prompt, controls=rest, **kw).images - both).max() > 1e-4, name
+    pipe.unload_lora()
+    pipe.unload_textual_inversion()
+    np.testing.assert_array_equal(pipe(prompt, controls=list(controls.values()), **kw).images, base)

@@ -300,9 +300,9 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
             return Output(latents, seed, done, cancelled, settings)
         decoded = self._decode_wrapped(latents, ctx.extras.get("decode_wrap", 0))
         if torch.isnan(decoded).any():
-            raise FloatingPointError(
-                "the decoded image contains NaN: the model overflowed "
-                f"(dtype={self.dtype}; try dtype=torch.float32, or a VAE made for float16)")
+            hint = ("try dtype=torch.float32, or a VAE made for float16" if self.dtype != torch.float32
+                    else "check the weights and the controls' strengths")
+            raise FloatingPointError(f"the decoded image contains NaN (dtype={self.dtype}): nothing was saved; {hint}")
         return Output(postprocess(decoded.float(), output_type), seed, done, cancelled, settings)
 
     def _prepare_latents(self, batch, height, width, image, mask_image, strength, timesteps, sched, generator):

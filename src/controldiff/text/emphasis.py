@@ -23,7 +23,12 @@ def a1111(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w = weights.to(z.device, z.dtype).unsqueeze(-1)
     original = z.mean(dim=(1, 2), keepdim=True)
     weighted = z * w
-    return weighted * (original / weighted.mean(dim=(1, 2), keepdim=True))
+    new = weighted.mean(dim=(1, 2), keepdim=True)
+    # chunks with no weight keep a ratio of exactly 1; a zero mean (possible when the final
+    # layer norm has no bias) would give 0/0: leave that chunk unscaled instead of NaN
+    plain = (weights == 1).all(dim=1).to(z.device).reshape(-1, 1, 1)
+    ratio = torch.where(plain | (new == 0), torch.ones_like(new), original / new)
+    return weighted * ratio
 
 
 def compel(z: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
