@@ -238,3 +238,35 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     rc, _, err = run(capsys, "generate", tmp_path, "-p", "x")
     assert rc == 2
     assert err.startswith("controldiff: error: ") and "unet" in err and "Traceback" not in err
+
+
+def test_generate_with_lora_embedding_and_controlnet(tiny_model, tmp_path, capsys):
+    """LoRA, embedding, prompt weighting, clip skip and a ControlNet from the command line."""
+    import diffusers
+    import PIL.Image
+    from safetensors.torch import save_file
+
+    from controldiff.png import read_parameters
+
+    folder = tiny_model("sd1")
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for i in range(2):
+        key = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn{i + 1}_to_q"
+        lora[f"{key}.lora_down.weight"] = torch.randn(2, 16, generator=g)
+        lora[f"{key}.lora_up.weight"] = torch.randn(16, 2, generator=g)
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    save_file({"<toy>": torch.randn(1, 32, generator=g)}, str(tmp_path / "toy.safetensors"))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).save_pretrained(
+        tmp_path / "cn")
+    PIL.Image.new("RGB", (64, 64), "white").save(tmp_path / "edges.png")
+    out = tmp_path / "img.png"
+    args = [str(folder), "-p", "a (<toy>:1.2) cat", "--steps", "2", "--seed", "1", "-o", str(out),
+            "--lora", f"{tmp_path / 'style.safetensors'}:0.7", "--embedding", str(tmp_path / "toy.safetensors"),
+            "--controlnet", f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:0.5", "--clip-skip", "1"]
+    assert cli.main(["generate", *args]) == 0
+    text = read_parameters(out)
+    assert "Lora: style:0.7" in text and "TI: <toy>" in text and "Clip skip: 1" in text
+    assert cli.main(["generate", *args[:-2], "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--lora" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
                        description="Generate images. Without MODEL, uses the built-in demo model (random weights).")
-    g.add_argument("model", nargs="?", metavar="MODEL", help="diffusers model folder (default: the demo model)")
+    g.add_argument("model", nargs="?", metavar="MODEL",
+                   help="diffusers model folder or single-file checkpoint (default: the demo model)")
     g.add_argument("--prompt", "-p", default="", help="what to draw")
     g.add_argument("--negative", "-n", default=None, metavar="TEXT", help="negative prompt")
     g.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, help="how much to change --image, in (0, 1] (default: 0.8, inpaint 1.0)")
     g.add_argument("--out", "-o", metavar="PATH",
                    help="output PNG, or a folder for numbered files (default: outputs/NNNNN-SEED.png)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="LoRA file (kohya or peft/diffusers), repeatable; weight default 1.0")
+    g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="textual inversion embedding, repeatable; token default: from the file")
+    g.add_argument("--prompt-syntax", choices=("a1111", "compel", "none"), default="a1111",
+                   help="prompt weighting syntax: (word:1.2) / word+ / plain (default: a1111)")
+    g.add_argument("--clip-skip", type=_positive_int, metavar="N", help="skip the last N text encoder layers")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH:IMAGE[:SCALE]",
+                   help="ControlNet folder (or file) and its control image, repeatable")
     g.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="weights dtype (default: float16 on cuda, float32 on cpu)")
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="show a model folder's family, kind and sizes",
                        description="Show what a model folder holds, read from its configs and weight headers.")
-    i.add_argument("model", metavar="MODEL", help="diffusers model folder")
+    i.add_argument("model", metavar="MODEL", help="diffusers model folder or single-file checkpoint")
     i.set_defaults(func=cmd_info)
     return parser
 
@@ -139,7 +149,7 @@ def _model_path(model: str | None) -> tuple[Path, bool]:
         return default_model_path(), True
     path = Path(model).expanduser()
     if not path.exists():
-        raise UsageError(f"argument MODEL: model folder not found: {path}")
+        raise UsageError(f"argument MODEL: model folder or file not found: {path}")
     return path, False
 
 
@@ -238,6 +248,9 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.from_pretrained(path, device=device, dtype=dtype)
     print(f"Loaded {path} ({pipe.info.family}, {pipe.info.kind}) in {time.perf_counter() - t0:.1f} s")
     _check_size(args, pipe.info.latent_factor)
+    pipe.prompt_syntax = args.prompt_syntax
+    extra_params = _load_extras(pipe, args)
+    controls = _controls(args, device, dtype)
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(args.num_images)]
@@ -252,7 +265,8 @@ def cmd_generate(args) -> int:
         out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
                    generator=generators, num_images_per_prompt=args.num_images, image=image,
-                   strength=args.strength, mask_image=mask, output_type="pil", callback=cancel)
+                   strength=args.strength, mask_image=mask, output_type="pil", callback=cancel,
+                   controls=controls, clip_skip=args.clip_skip)
     elapsed = time.perf_counter() - t1
     if out.cancelled or cancel.requested:
         done = out.steps_done
@@ -264,6 +278,7 @@ def cmd_generate(args) -> int:
     if image is not None:
         extra["Denoising strength"] = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
         extra["Mode"] = "inpaint" if mask is not None else "img2img"
+    extra.update(extra_params)
     extra["Version"] = f"controldiff {_version()}"
     model_name = "demo (random weights)" if is_demo else path.resolve().name
     paths = output_paths(args.out, seeds)
@@ -275,6 +290,68 @@ def cmd_generate(args) -> int:
     n = len(paths)
     print(f"Generated {n} image{'s' * (n != 1)} in {elapsed:.1f} s ({elapsed / args.steps:.2f} s/step)")
     return 0
+
+
+def _split_suffix(value: str, flag: str, convert):
+    """"PATH:SUFFIX" -> (Path, converted suffix or None); a path may itself contain ':'."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path and not Path(value).exists():
+        try:
+            return Path(path), convert(tail)
+        except ValueError:
+            raise UsageError(f"argument {flag}: cannot read {tail!r} in {value!r}") from None
+    return Path(value), None
+
+
+def _load_extras(pipe, args) -> dict:
+    """LoRAs and embeddings from the command line; what the PNG should record of them."""
+    loras, tokens = [], []
+    for value in args.lora:
+        path, weight = _split_suffix(value, "--lora", float)
+        if not path.exists():
+            raise UsageError(f"argument --lora: file not found: {path}")
+        name = pipe.load_lora(path, weight=1.0 if weight is None else weight)
+        loras.append(f"{name}:{1.0 if weight is None else weight:g}")
+    for value in args.embedding:
+        path, token = _split_suffix(value, "--embedding", str)
+        if not path.exists():
+            raise UsageError(f"argument --embedding: file not found: {path}")
+        tokens += pipe.load_textual_inversion(path, token=token)
+    params = {}
+    if loras:
+        params["Lora"] = " ".join(loras)
+    if tokens:
+        params["TI"] = " ".join(tokens)
+    if args.prompt_syntax != "a1111":
+        params["Prompt syntax"] = args.prompt_syntax
+    if args.clip_skip:
+        params["Clip skip"] = args.clip_skip
+    return params
+
+
+def _controls(args, device, dtype) -> list:
+    """ControlNets from --controlnet PATH:IMAGE[:SCALE]."""
+    from .controls.controlnet import ControlNet
+    from .loading.control_models import load_controlnet
+
+    out = []
+    for value in args.controlnet:
+        parts = value.split(":")
+        if len(parts) not in (2, 3):
+            raise UsageError(f"argument --controlnet: expected PATH:IMAGE[:SCALE], got {value!r}")
+        scale = 1.0
+        if len(parts) == 3:
+            try:
+                scale = float(parts[2])
+            except ValueError:
+                raise UsageError(f"argument --controlnet: scale {parts[2]!r} is not a number") from None
+        model_path, image_path = Path(parts[0]), Path(parts[1])
+        for what, p in (("model", model_path), ("image", image_path)):
+            if not p.exists():
+                raise UsageError(f"argument --controlnet: {what} not found: {p}")
+        model = load_controlnet(model_path, device=device, dtype=dtype)
+        out.append(ControlNet(model, _open_image(image_path, "--controlnet", "RGB"), scale=scale))
+    return out
 
 
 def _open_image(path: Path | None, flag: str, mode: str):
@@ -351,6 +428,28 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _info_single_file(path: Path) -> int:
+    """info for a single-file checkpoint: loaded on the meta device, counted, nothing computed."""
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_single_file(path)
+    info = pipe.info
+    h, w = pipe.default_size
+    rows = [("model", str(path)), ("family", info.family + (" (refiner)" if info.refiner else "")),
+            ("kind", f"{info.kind} (unet in_channels={info.in_channels})"),
+            ("prediction type", info.prediction_type), ("default size", f"{w}x{h}"),
+            ("latent factor", str(info.latent_factor)), ("scheduler", pipe.scheduler_config.get("_class_name", "?"))]
+    total = 0
+    parts = [("unet", pipe.unet), ("vae", pipe.vae)] + [(f"text_encoder{'_2' * i}", te)
+                                                          for i, te in enumerate(pipe.text_encoders) if te is not None]
+    for name, module in parts:
+        count = sum(p.numel() for p in module.parameters())
+        total += count
+        rows.append((f"{name} parameters", f"{count:,} ({_human(count)}, {next(module.parameters()).dtype})"))
+    rows.append(("total parameters", f"{total:,} ({_human(total)})"))
+    return _print_rows(rows)
+
+
 def cmd_info(args) -> int:
     from .loading.folder import TEXT_ENCODER_SLOTS, _slot_present, _text_config
     from .loading.family import detect_family
@@ -359,9 +458,9 @@ def cmd_info(args) -> int:
 
     root = Path(args.model).expanduser()
     if not root.exists():
-        raise UsageError(f"argument MODEL: model folder not found: {root}")
+        raise UsageError(f"argument MODEL: model folder or file not found: {root}")
     if not root.is_dir():
-        raise UsageError(f"argument MODEL: not a folder (a diffusers model folder is expected): {root}")
+        return _info_single_file(root)
     index = read_json(root / "model_index.json")
     unet_cfg = read_json(root / "unet" / "config.json")
     vae_cfg = read_json(root / "vae" / "config.json")
@@ -390,6 +489,10 @@ def cmd_info(args) -> int:
         total += count
         rows.append((f"{name} parameters", f"{count:,} ({_human(count)}, {dtypes})"))
     rows.append(("total parameters", f"{total:,} ({_human(total)})"))
+    return _print_rows(rows)
+
+
+def _print_rows(rows) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
