@@ -103,7 +103,7 @@ def main(argv=None):
                 counter = Counter(unet)
                 sync()
                 t0 = time.perf_counter()
-                img = fn()
+                fn()
                 sync()
                 dt = time.perf_counter() - t0
                 counter.close()

@@ -267,6 +267,6 @@ def test_generate_with_lora_embedding_and_controlnet(tiny_model, tmp_path, capsy
             "--controlnet", f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:0.5", "--clip-skip", "1"]
     assert cli.main(["generate", *args]) == 0
     text = read_parameters(out)
-    assert "Lora: style:0.7" in text and "TI: <toy>" in text and "Clip skip: 1" in text
+    assert 'Lora: "style:0.7"' in text and "TI: <toy>" in text and "Clip skip: 1" in text
     assert cli.main(["generate", *args[:-2], "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "--lora" in capsys.readouterr().err

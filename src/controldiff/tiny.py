@@ -8,27 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .loading.clip_vocab import byte_chars
+
 # A byte-level CLIP BPE vocabulary with no merges: every character is its own token.
 # It tokenises any text, so prompts work, and it is tiny.
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def write_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>", max_length: int = 77) -> int:
     """Write vocab.json, merges.txt and tokenizer_config.json; return the vocab size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab))

@@ -21,7 +21,7 @@ VOCAB_SIZE = 49408
 _N_MERGES = 49152 - 256 - 2  # what CLIP's simple_tokenizer keeps of the file
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """GPT-2's reversible byte -> printable character table, in CLIP's vocabulary order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -41,7 +41,7 @@ def clip_vocab() -> tuple[dict[str, int], list[str]]:
         raise FileNotFoundError(f"{BPE_FILE}: bundled CLIP BPE vocabulary not found (broken installation?)")
     lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
     merges = lines[1:_N_MERGES + 1]  # line 0 is a version header
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     if len(tokens) != VOCAB_SIZE:

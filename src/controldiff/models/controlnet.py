@@ -18,6 +18,7 @@ from .config import Config
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet import UNet2DConditionModel
 from .unet_blocks import DOWN_BLOCKS, UNetMidBlock2DCrossAttn
+from .module import Model
 
 # diffusers' ControlNetModel.__init__ defaults (0.42), tuples as JSON lists.
 DEFAULTS: dict[str, Any] = {
@@ -119,7 +120,7 @@ class ControlNetConditioningEmbedding(nn.Module):
         return self.conv_out(x)
 
 
-class ControlNetModel(nn.Module):
+class ControlNetModel(Model):
     """``controlnet(sample, t, embeds, image, scale) -> (down residuals, mid residual)``."""
 
     # The UNet's own embedding code: same attribute names (time_proj, time_embedding,
@@ -172,13 +173,6 @@ class ControlNetModel(nn.Module):
                 num_layers=1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0, **attn,
             )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @property
     def downscale(self) -> int:

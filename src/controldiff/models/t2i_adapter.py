@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .module import Model
 
 # diffusers' T2IAdapter.__init__ defaults (0.42).
 DEFAULTS: dict[str, Any] = {
@@ -112,7 +113,7 @@ class _Body(nn.Module):
         return features
 
 
-class T2IAdapter(nn.Module):
+class T2IAdapter(Model):
     """``adapter(image in [0, 1]) -> [feature per UNet down block]`` (diffusers' ``T2IAdapter``)."""
 
     def __init__(self, config: Mapping[str, Any]):
@@ -134,13 +135,6 @@ class T2IAdapter(nn.Module):
     def total_downscale_factor(self) -> int:
         return self.adapter.total_downscale_factor
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.adapter(x)

@@ -17,6 +17,7 @@ from .attention import Attention, Processor, find_sites, use_processors
 from .config import Config
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlock2DCrossAttn
+from .module import Model
 
 # diffusers' UNet2DConditionModel.__init__ defaults (0.42), tuples as JSON lists.
 DEFAULTS: dict[str, Any] = {
@@ -117,7 +118,7 @@ def _per_block(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(Model):
     """``unet(sample, timestep, encoder_hidden_states, ...) -> noise prediction`` (a tensor)."""
 
     def __init__(self, config: Mapping[str, Any]):
@@ -182,15 +183,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=cfg.conv_out_kernel, padding=pad_out)
         self._sites = find_sites(self)
 
-    # ---- properties and attention sites ----
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    # ---- attention sites ----
 
     def attention_sites(self) -> dict[str, Attention]:
         """Every transformer attention module by module path, in execution order; each has ``.site``."""

@@ -15,6 +15,7 @@ from ..noise import Generator, randn_tensor
 from .attention import Attention
 from .blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from .config import Config
+from .module import Model
 
 # diffusers' AutoencoderKL.__init__ defaults (0.42), tuples as JSON lists.
 DEFAULTS: dict[str, Any] = {
@@ -167,7 +168,7 @@ def _check(cfg: Config) -> None:
         raise ValueError("vae config: down_block_types, up_block_types and block_out_channels must have the same length")
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Model):
     """SD's VAE. ``sliced=True`` in encode/decode runs one sample at a time (less peak memory)."""
 
     def __init__(self, config: Mapping[str, Any]):
@@ -185,13 +186,6 @@ class AutoencoderKL(nn.Module):
         """Pixels per latent along each side: ``2 ** (len(block_out_channels) - 1)``."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
