@@ -156,21 +156,25 @@ def test_generate_img2img_and_inpaint(home, tmp_path, capsys):
     assert "Denoising strength: 1.0" in read_parameters(tmp_path / "inp.png")
 
 
-def test_generate_ctrl_c_cancels_cleanly(home, tmp_path, capsys, monkeypatch):
+def test_generate_ctrl_c_keeps_finished_images(home, tmp_path, capsys, monkeypatch):
     from controldiff import pipeline
 
     calls = []
 
     def fake_call(self, *args, callback=None, **kw):
-        signal.raise_signal(signal.SIGINT)  # first Ctrl-C: finish the step, then stop
+        if calls:  # the second image: first Ctrl-C finishes the step, then stops
+            signal.raise_signal(signal.SIGINT)
+            calls.append(callback(0, None, None))
+            return pipeline.Output(images=[], steps_done=1, cancelled=True)
         calls.append(callback(0, None, None))
-        return pipeline.Output(images=[], steps_done=1, cancelled=True)
+        return pipeline.Output(images=[Image.new("RGB", (64, 64))], steps_done=2)
 
     monkeypatch.setattr(pipeline.Pipeline, "__call__", fake_call)
-    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "-o", tmp_path / "c.png")
-    assert rc == 130 and calls == [False]
-    assert "cancelled after 1 step;" in err and "Traceback" not in err
-    assert not (tmp_path / "c.png").exists()
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--n", "3", "-o", tmp_path / "c.png")
+    assert rc == 130 and calls == [True, False]
+    assert "cancelled after 1 step of image 2; 1 finished image kept" in err and "Traceback" not in err
+    assert (tmp_path / "c-1.png").exists() and read_parameters(tmp_path / "c-1.png")
+    assert not (tmp_path / "c-2.png").exists() and not (tmp_path / "c-3.png").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     def interrupted(self, *args, **kw):

@@ -256,23 +256,6 @@ def cmd_generate(args) -> int:
     seeds = [seed + i for i in range(args.num_images)]
     if args.seed is None:
         print(f"Seed: {seed}")
-    # One CPU generator per image: image i is reproducible alone with --seed SEED+i, on any device.
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-    cancel = _Cancel()
-    t1 = time.perf_counter()
-    with cancel:
-        out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                   generator=generators, num_images_per_prompt=args.num_images, image=image,
-                   strength=args.strength, mask_image=mask, output_type="pil", callback=cancel,
-                   controls=controls, clip_skip=args.clip_skip)
-    elapsed = time.perf_counter() - t1
-    if out.cancelled or cancel.requested:
-        done = out.steps_done
-        print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)}; nothing saved", file=sys.stderr)
-        return _EXIT_INTERRUPTED
-
     sampler = args.scheduler or _folder_scheduler_name(pipe.scheduler_config)
     extra = {}
     if image is not None:
@@ -282,13 +265,33 @@ def cmd_generate(args) -> int:
     extra["Version"] = f"controldiff {_version()}"
     model_name = "demo (random weights)" if is_demo else path.resolve().name
     paths = output_paths(args.out, seeds)
-    for img, s, p in zip(out.images, seeds, paths):
-        text = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, s,
-                                 img.width, img.height, model_name, extra)
-        save_png(img, p, text)
-        print(p)
-    n = len(paths)
-    print(f"Generated {n} image{'s' * (n != 1)} in {elapsed:.1f} s ({elapsed / args.steps:.2f} s/step)")
+
+    # One image at a time, each saved as soon as it is done: Ctrl-C loses only the image in
+    # progress. Each has its own CPU generator, so image i is remade alone with --seed SEED+i.
+    cancel = _Cancel()
+    t1 = time.perf_counter()
+    saved = 0
+    with cancel:
+        for s, p in zip(seeds, paths):
+            out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                       generator=torch.Generator("cpu").manual_seed(s), image=image, strength=args.strength,
+                       mask_image=mask, output_type="pil", callback=cancel, controls=controls,
+                       clip_skip=args.clip_skip)
+            if out.cancelled or cancel.requested:
+                done = out.steps_done
+                print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {saved + 1}; "
+                      f"{saved} finished image{'s' * (saved != 1)} kept", file=sys.stderr)
+                return _EXIT_INTERRUPTED
+            img = out.images[0]
+            text = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, s,
+                                     img.width, img.height, model_name, extra)
+            save_png(img, p, text)
+            saved += 1
+            print(p)
+    elapsed = time.perf_counter() - t1
+    print(f"Generated {saved} image{'s' * (saved != 1)} in {elapsed:.1f} s "
+          f"({elapsed / (args.steps * saved):.2f} s/step)")
     return 0
 
 
