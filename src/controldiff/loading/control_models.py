@@ -1,4 +1,5 @@
-"""Loading ControlNets and T2I-Adapters from diffusers-format folders.
+"""Loading ControlNets and T2I-Adapters from diffusers-format folders, and ControlNets from
+original-layout single files (``control_v11p_sd15_canny.pth``; see :mod:`.convert_controlnet`).
 
 A folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``,
 read with ``weights_only=True``), as written by diffusers' ``save_pretrained``. A model
@@ -42,8 +43,21 @@ def _read_config(folder: Path, class_names: tuple[str, ...], what: str) -> dict:
 
 
 def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
-                    dtype: torch.dtype = torch.float32) -> ControlNetModel:
-    """A diffusers ``ControlNetModel`` folder as our :class:`ControlNetModel`."""
+                    dtype: torch.dtype = torch.float32, config=None) -> ControlNetModel:
+    """A ControlNet as our :class:`ControlNetModel`: a diffusers ``ControlNetModel`` folder
+    (or a model folder with ``controlnet/``), or an original-layout file (``control_model.*``
+    tensors, ``.safetensors`` or a plain-tensor ``.pth``/``.ckpt``).
+
+    ``config`` (files only): a diffusers ControlNet or UNet config (dict, ``config.json``, a
+    ControlNet folder, or a model folder with ``controlnet/`` or ``unet/``) supplying what the
+    shapes do not tell (attention heads, norm groups, ...); default: the bundled SD1.5 / SD2.1
+    / SDXL config the shapes point to."""
+    if Path(path).is_file():
+        from .convert_controlnet import load_controlnet_file
+
+        return load_controlnet_file(path, device=device, dtype=dtype, config=config)
+    if config is not None:
+        raise ValueError(f"{path}: config= is for single-file ControlNets; a folder brings its own config.json")
     folder = _component_folder(path, "controlnet", "ControlNet")
     config = _read_config(folder, ("ControlNetModel",), "ControlNet")
     return load_model(lambda: ControlNetModel(config), find_weights(folder), device=device, dtype=dtype)
