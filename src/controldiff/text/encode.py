@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -38,6 +38,24 @@ def _spread(values: Optional[list[str]], batch: int, name: str) -> Optional[list
     return values
 
 
+class Lazy:
+    """A tensor computed on first use. The empty-chunk encoding (one more text encoder pass)
+    is only needed to pad prompts of different lengths or for compel weights."""
+
+    def __init__(self, fn):
+        self._fn, self._value = fn, None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            with torch.no_grad():
+                self._value = self._fn()
+        return self._value
+
+
+def _resolve(empty):
+    return empty.get() if isinstance(empty, Lazy) else empty
+
+
 @dataclass
 class TextCond:
     """Text conditioning for a batch: token embeddings and, for SDXL, pooled embeddings.
@@ -49,7 +67,12 @@ class TextCond:
 
     embeds: torch.Tensor
     pooled: Optional[torch.Tensor] = None
-    empty: Optional[torch.Tensor] = None
+    empty_chunk: Optional[Union[torch.Tensor, Lazy]] = None
+
+    @property
+    def empty(self) -> Optional[torch.Tensor]:
+        """The empty-chunk encoding (computed now if it was deferred)."""
+        return _resolve(self.empty_chunk)
 
     @property
     def length(self) -> int:
@@ -57,37 +80,39 @@ class TextCond:
 
     def to(self, device=None, dtype=None) -> "TextCond":
         move = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
-        return TextCond(move(self.embeds), move(self.pooled), move(self.empty))
+        empty = None if self.empty_chunk is None else Lazy(lambda: move(self.empty))
+        return TextCond(move(self.embeds), move(self.pooled), empty)
 
     def pad_to(self, length: int) -> "TextCond":
         """The same conditioning padded with empty chunks to ``length`` tokens."""
         if length == self.length:
             return self
-        if self.empty is None or length < self.length or (length - self.length) % self.empty.shape[1]:
-            chunk = None if self.empty is None else self.empty.shape[1]
+        empty = self.empty
+        if empty is None or length < self.length or (length - self.length) % empty.shape[1]:
+            chunk = None if empty is None else empty.shape[1]
             raise ValueError(f"prompt embeddings: cannot pad {self.length} tokens to {length} "
                              f"(empty chunk of {chunk} tokens)")
-        n = (length - self.length) // self.empty.shape[1]
-        pad = self.empty.to(self.embeds.device, self.embeds.dtype).repeat(self.embeds.shape[0], n, 1)
-        return TextCond(torch.cat([self.embeds, pad], dim=1), self.pooled, self.empty)
+        n = (length - self.length) // empty.shape[1]
+        pad = empty.to(self.embeds.device, self.embeds.dtype).repeat(self.embeds.shape[0], n, 1)
+        return TextCond(torch.cat([self.embeds, pad], dim=1), self.pooled, self.empty_chunk)
 
     def repeat(self, n: int) -> "TextCond":
         """Each prompt repeated n times in a row (num_images_per_prompt)."""
         if n == 1:
             return self
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0)
-        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty)
+        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty_chunk)
 
     def tile(self, n: int) -> "TextCond":
         """The whole batch repeated n times (views, concept rows), ``empty`` kept for padding."""
         if n == 1:
             return self
         pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
-        return TextCond(self.embeds.repeat(n, 1, 1), pooled, self.empty)
+        return TextCond(self.embeds.repeat(n, 1, 1), pooled, self.empty_chunk)
 
     def zeros_like(self) -> "TextCond":
         pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
-        empty = None if self.empty is None else torch.zeros_like(self.empty)
+        empty = None if self.empty_chunk is None else Lazy(lambda: torch.zeros_like(self.empty))
         return TextCond(torch.zeros_like(self.embeds), pooled, empty)
 
     @staticmethod
@@ -96,7 +121,7 @@ class TextCond:
         length = max(c.length for c in conds)
         conds = [c.pad_to(length) for c in conds]
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        empty = next((c.empty for c in conds if c.empty is not None), None)
+        empty = next((c.empty_chunk for c in conds if c.empty_chunk is not None), None)
         return TextCond(torch.cat([c.embeds for c in conds]), pooled, empty)
 
 
@@ -189,7 +214,7 @@ class PromptEncoder:
         length = max(p.length for p in parts)
         parts = [p.pad_to(length) for p in parts]
         embeds = torch.cat([p.embeds for p in parts], dim=-1)
-        empty = torch.cat([p.empty.to(embeds.device) for p in parts], dim=-1)
+        empty = Lazy(lambda: torch.cat([p.empty.to(embeds.device) for p in parts], dim=-1))
         pooled = parts[-1].pooled if self.sdxl else None
         if self.sdxl and pooled is None:
             raise ValueError("text_encoder_2: an SDXL model needs a CLIPTextModelWithProjection as its last encoder")
@@ -258,7 +283,7 @@ class PromptEncoder:
         chunks = [self._chunks(tokenizer, f) for f in flats]
 
         blank = empty_chunk(tokenizer)
-        empty, _ = self._run(index, blank.ids, blank.mask if use_mask else None, layer)
+        lazy_empty = Lazy(lambda: self._run(index, blank.ids, blank.mask if use_mask else None, layer)[0])
         ids = torch.cat([c.ids for c in chunks])
         mask = torch.cat([c.mask for c in chunks]) if use_mask else None
         z_all, pooled_all = self._run(index, ids, mask, layer)
@@ -273,16 +298,15 @@ class PromptEncoder:
             if self.syntax == "a1111":
                 z = emphasis.a1111(z, c.weights)
             elif self.syntax == "compel":
-                z = self._compel_weights(index, layer, flat, c, z, empty)
+                z = self._compel_weights(index, layer, flat, c, z, lazy_empty.get())
             encoded.append(z.reshape(1, -1, z.shape[-1]))
 
-        empty_cond = TextCond(empty[:1], None, empty[:1])
         rows, pooled_rows, i = [], [], 0
         for conj in parsed:
             parts = []
             for operand, weight in zip(conj.prompts, conj.weights):
                 if isinstance(operand, Blend):
-                    blended = pad_same([TextCond(e, None, empty) for e in encoded[i:i + len(operand.prompts)]])
+                    blended = pad_same([TextCond(e, None, lazy_empty) for e in encoded[i:i + len(operand.prompts)]])
                     first = firsts[i]
                     i += len(operand.prompts)
                     part = emphasis.weighted_sum([b.embeds for b in blended], operand.weights, operand.normalize)
@@ -292,13 +316,14 @@ class PromptEncoder:
                 if not parts:
                     pooled_rows.append(first)
                 if weight != 1:  # compel .and() weights: lerp from the empty prompt
-                    blank_cond = empty_cond.pad_to(part.shape[1]).embeds
+                    empty = lazy_empty.get()[:1]
+                    blank_cond = TextCond(empty, None, empty).pad_to(part.shape[1]).embeds
                     part = blank_cond + (part - blank_cond) * weight
                 parts.append(part)
-            rows.append(TextCond(torch.cat(parts, dim=1), None, empty))
+            rows.append(TextCond(torch.cat(parts, dim=1), None, lazy_empty))
         rows = pad_same(rows)
         pooled = None if pooled_all is None else torch.cat(pooled_rows)
-        return TextCond(torch.cat([r.embeds for r in rows]), pooled, empty)
+        return TextCond(torch.cat([r.embeds for r in rows]), pooled, lazy_empty)
 
     def _compel_weights(self, index, layer, fragments, chunks: Chunks, z, empty) -> torch.Tensor:
         """compel: weights applied around the empty chunk; fragments below 1 also lerped toward
