@@ -25,6 +25,20 @@ class Config(dict):
         return out
 
 
+def check_options(config: Config, what: str, defaults: Mapping[str, Any], unsupported, allowed: Mapping) -> None:
+    """Refuse options we do not implement, naming the key and value: keys in ``unsupported``
+    must keep their default; keys in ``allowed`` must take one of the listed values."""
+    for key in unsupported:
+        if config[key] != defaults[key]:
+            raise ValueError(f"{what} config: {key}={config[key]!r} is not supported (only {defaults[key]!r})")
+    for key, values in allowed.items():
+        if config[key] not in values:
+            raise ValueError(f"{what} config: {key}={config[key]!r} is not supported (expected one of {values})")
+    only_cross = config.get("only_cross_attention", False)
+    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+        raise ValueError(f"{what} config: only_cross_attention={only_cross!r} is not supported (only False)")
+
+
 def read_json(path: str | Path) -> dict:
     """Read a JSON config, naming the file in the error if it is missing or broken."""
     path = Path(path)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, check_options
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet import UNet2DConditionModel
 from .unet_blocks import DOWN_BLOCKS, UNetMidBlock2DCrossAttn
@@ -67,15 +67,7 @@ _ALLOWED = {
 
 
 def _check(cfg: Config) -> None:
-    for key in _UNSUPPORTED:
-        if cfg[key] != DEFAULTS[key]:
-            raise ValueError(f"controlnet config: {key}={cfg[key]!r} is not supported (only {DEFAULTS[key]!r})")
-    for key, allowed in _ALLOWED.items():
-        if cfg[key] not in allowed:
-            raise ValueError(f"controlnet config: {key}={cfg[key]!r} is not supported (expected one of {allowed})")
-    oca = cfg.only_cross_attention
-    if any(oca) if isinstance(oca, (list, tuple)) else oca:
-        raise ValueError(f"controlnet config: only_cross_attention={oca!r} is not supported (only False)")
+    check_options(cfg, "controlnet", DEFAULTS, _UNSUPPORTED, _ALLOWED)
     for name in cfg.down_block_types:
         if name not in DOWN_BLOCKS:
             raise ValueError(f"controlnet config: down_block_types entry {name!r} is not supported "

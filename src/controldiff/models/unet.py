@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Processor, find_sites, use_processors
-from .config import Config
+from .config import Config, check_options
 from .embeddings import TimestepEmbedding, Timesteps
 from .unet_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlock2DCrossAttn
 from .module import Model
@@ -87,15 +87,7 @@ _ALLOWED = {
 
 
 def _check(config: Config) -> None:
-    for key in _UNSUPPORTED:
-        if config[key] != DEFAULTS[key]:
-            raise ValueError(f"unet config: {key}={config[key]!r} is not supported (only {DEFAULTS[key]!r})")
-    for key, allowed in _ALLOWED.items():
-        if config[key] not in allowed:
-            raise ValueError(f"unet config: {key}={config[key]!r} is not supported (expected one of {allowed})")
-    only_cross = config.only_cross_attention
-    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-        raise ValueError(f"unet config: only_cross_attention={only_cross!r} is not supported (only False)")
+    check_options(config, "unet", DEFAULTS, _UNSUPPORTED, _ALLOWED)
     if config.norm_num_groups is None:
         raise ValueError("unet config: norm_num_groups=None is not supported")
     for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
