@@ -283,6 +283,16 @@ class AlphaScheduler(Scheduler):
         if device is not None:
             self.alphas_cumprod = self.alphas_cumprod.to(device)
 
+    def _set_spaced_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Integer timesteps spaced as the config says (DDIM, DDPM), schedule on ``device``."""
+        n_train = self.config.num_train_timesteps
+        if num_inference_steps > n_train:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} is larger than num_train_timesteps {n_train}")
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._move_schedule(device)
+
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         self.alphas_cumprod = self.alphas_cumprod.to(device=original.device)
         alphas_cumprod = self.alphas_cumprod.to(dtype=original.dtype)
@@ -294,6 +304,12 @@ class AlphaScheduler(Scheduler):
 
 class SigmaScheduler(Scheduler):
     """Sigma-indexed schedulers: a step counter, started by lookup or ``set_begin_index``."""
+
+    def _train_schedule(self) -> None:
+        """Sigmas and timesteps over the whole training schedule (before set_timesteps)."""
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        n = self.config.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
 
     EXTRA_SCHEDULES: tuple[str, ...] = ()
     ZERO_SNR_FIX = True

@@ -1,11 +1,10 @@
 """DDIM (Song et al. 2020): deterministic for eta=0, ancestral noise for eta>0."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import AlphaScheduler, require, spaced_timesteps
+from .base import AlphaScheduler, require
 
 
 def x0_and_eps(kind: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t):
@@ -37,16 +36,10 @@ class DDIM(AlphaScheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        n_train = self.config.num_train_timesteps
-        if num_inference_steps > n_train:
-            raise ValueError(f"num_inference_steps: {num_inference_steps} is larger than num_train_timesteps {n_train}")
-        self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._move_schedule(device)
+        self._set_spaced_timesteps(num_inference_steps, device)
         self.final_alpha_cumprod = self.final_alpha_cumprod.to(device)
         # DDIM always steps back by n_train // n, whatever the spacing (as the reference).
-        self._stride = n_train // num_inference_steps
+        self._stride = self.config.num_train_timesteps // num_inference_steps
 
     def _alpha_prev(self, prev_timestep):
         return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod

@@ -1,11 +1,10 @@
 """DDPM (Ho et al. 2020): ancestral sampling with the posterior variance."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import AlphaScheduler, require, spaced_timesteps
+from .base import AlphaScheduler, require
 from .ddim import x0_and_eps
 
 
@@ -29,17 +28,12 @@ class DDPM(AlphaScheduler):
         self._prev: dict[int, int] = {}
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        n_train = self.config.num_train_timesteps
-        if num_inference_steps > n_train:
-            raise ValueError(f"num_inference_steps: {num_inference_steps} is larger than num_train_timesteps {n_train}")
-        self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._move_schedule(device)
+        self._set_spaced_timesteps(num_inference_steps, device)
         self.one = self.one.to(self.alphas_cumprod.device)
         # previous_timestep: the next entry of the schedule (first match), -1 after the last.
         self._prev = {}
-        for t, prev in zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]):
+        ts = self.timesteps.tolist()
+        for t, prev in zip(ts, ts[1:] + [-1]):
             self._prev.setdefault(t, prev)
 
     def previous_timestep(self, timestep) -> int:

@@ -54,9 +54,7 @@ class DPMSolverMultistep(SigmaScheduler):
         require(self.config, "final_sigmas_type", ("zero", "sigma_min"))
         lambda_t = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
         self._lambda_t = lambda_t
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        n = self.config.num_train_timesteps
-        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+        self._train_schedule()
         self._reset()
 
     def _reset(self) -> None:

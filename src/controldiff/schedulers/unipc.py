@@ -33,9 +33,7 @@ class UniPC(SigmaScheduler):
         require(self.config, "shift_terminal", (None,))
         self.predict_x0 = self.config.predict_x0
         self.disable_corrector = list(self.config.disable_corrector or [])
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        n = self.config.num_train_timesteps
-        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+        self._train_schedule()
         self._reset()
 
     def _reset(self) -> None:
