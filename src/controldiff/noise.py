@@ -32,3 +32,15 @@ def randn_tensor(shape, generator: Generator = None, device=None, dtype=None) ->
         parts = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
         return torch.cat(parts, dim=0).to(device)
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+#: Seeds are integers in [0, SEED_LIMIT): every value torch.Generator.manual_seed takes
+#: without wrapping (a negative seed would silently alias a large one).
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int, or a ValueError naming ``name`` and the accepted range."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name}: expected an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
