@@ -82,7 +82,10 @@ def test_zero_scale_equals_no_control(pipes):
     kw = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
     plain = mine("a face", generator=gen(1), **kw).images
     got = mine("a face", generator=gen(1), controls=[SEGA([Concept("smiling", scale=0.0, warmup=0)])], **kw).images
-    assert np.abs(got - plain).max() <= 1e-6
+    # The concept adds a third row to the batched UNet call; float32 kernels may then sum in
+    # another order (a few ulps per layer: 1.2e-6 seen after 3 steps and the VAE), so equality
+    # is asserted to 1e-5, still far below what a concept of any scale changes (> 1e-3).
+    assert np.abs(got - plain).max() <= 1e-5
 
 
 def test_concepts_share_the_single_unet_call(pipes):

@@ -25,6 +25,24 @@ PIPELINE_CLASSES = {
 }
 
 
+def perturb_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every LayerNorm/GroupNorm a random affine transform (weight ~ N(1, 0.2), bias ~
+    N(0.3, 0.2)), drawn from the global torch generator.
+
+    Freshly initialised norms are the identity (weight 1, bias 0). A model built that way
+    is degenerate: a bug that skips a norm's affine step passes every parity test, and the
+    CLIP encoder's final LayerNorm outputs tokens of mean exactly 0, so A1111's
+    mean-restoring prompt weighting divides 0 by 0. Real checkpoints have neither
+    property; the bias mean is kept away from 0 on purpose.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.3, 0.2)
+    return module
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -36,7 +54,7 @@ def _text_encoder(folder: Path, cfg: dict, with_projection: bool) -> None:
     cfg = dict(cfg)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     cfg["architectures"] = [cls.__name__]
-    model = cls(CLIPTextConfig.from_dict(cfg)).eval()
+    model = perturb_norms(cls(CLIPTextConfig.from_dict(cfg)).eval())
     model.save_pretrained(folder)
 
 
@@ -72,8 +90,8 @@ def build_folder(
         if refiner:
             # refiner: only the OpenCLIP-bigG-like encoder (hidden 32) and aesthetic-score time ids
             unet_cfg.update(cross_attention_dim=32, projection_class_embeddings_input_dim=8 * 5 + 32)
-        unet = UNet2DConditionModel(**unet_cfg).eval()
-        vae = AutoencoderKL(**tiny.vae_config(latent_factor=latent_factor)).eval()
+        unet = perturb_norms(UNet2DConditionModel(**unet_cfg).eval())
+        vae = perturb_norms(AutoencoderKL(**tiny.vae_config(latent_factor=latent_factor)).eval())
         unet.save_pretrained(root / "unet")
         vae.save_pretrained(root / "vae")
         if variant:
