@@ -15,6 +15,7 @@ import torch
 from ..models.config import read_json
 from ..models.controlnet import ControlNetModel
 from ..models.t2i_adapter import T2IAdapter
+from ..models.validate import check_controlnet_config, check_t2i_adapter_config
 from .weights import find_weights, load_model
 
 PathLike = Union[str, Path]
@@ -31,14 +32,13 @@ def _component_folder(path: PathLike, subfolder: str, what: str) -> Path:
     return folder
 
 
-def _read_config(folder: Path, class_names: tuple[str, ...], what: str) -> dict:
+def _read_config(folder: Path, class_names: tuple[str, ...], what: str, check) -> dict:
     path = folder / "config.json"
     config = read_json(path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
     name = config.get("_class_name")
     if name is not None and name not in class_names:
         raise ValueError(f"{path}: this is a {name} config, not a {what} ({' or '.join(class_names)})")
+    check(config, path)
     return config
 
 
@@ -59,7 +59,7 @@ def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
     if config is not None:
         raise ValueError(f"{path}: config= is for single-file ControlNets; a folder brings its own config.json")
     folder = _component_folder(path, "controlnet", "ControlNet")
-    config = _read_config(folder, ("ControlNetModel",), "ControlNet")
+    config = _read_config(folder, ("ControlNetModel",), "ControlNet", check_controlnet_config)
     return load_model(lambda: ControlNetModel(config), find_weights(folder), device=device, dtype=dtype)
 
 
@@ -67,5 +67,5 @@ def load_t2i_adapter(path: PathLike, device: Union[str, torch.device] = "cpu",
                      dtype: torch.dtype = torch.float32) -> T2IAdapter:
     """A diffusers ``T2IAdapter`` folder as our :class:`T2IAdapter`."""
     folder = _component_folder(path, "adapter", "T2I-Adapter")
-    config = _read_config(folder, ("T2IAdapter",), "T2I-Adapter")
+    config = _read_config(folder, ("T2IAdapter",), "T2I-Adapter", check_t2i_adapter_config)
     return load_model(lambda: T2IAdapter(config), find_weights(folder), device=device, dtype=dtype)

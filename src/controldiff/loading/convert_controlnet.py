@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..models.config import read_json
 from ..models.controlnet import DEFAULTS, ControlNetModel
+from ..models.validate import check_controlnet_config
 from . import convert_ldm as ldm
 from .convert_ldm import Source, _block_indices, _unet_name
 from .single_file import CONFIGS_DIR, load_converted
@@ -158,8 +159,6 @@ def _base_config(config, path: Path) -> dict:
             raise FileNotFoundError(f"{p}: config= must be a ControlNet or UNet config.json, a diffusers ControlNet "
                                     "folder, or a model folder with controlnet/ or unet/")
         base, where = read_json(found), str(found)
-        if not isinstance(base, dict):
-            raise ValueError(f"{found}: expected a JSON object")
     name = base.get("_class_name")
     if name is not None and name not in _BASE_CLASSES:
         raise ValueError(f"{where}: is a {name} config, not a ControlNet or UNet config (loading {path})")
@@ -201,6 +200,12 @@ def load_controlnet_file(path, *, device: Union[str, torch.device] = "cpu",
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     cfg = controlnet_config(inferred, base)
+    hint = "" if base is not None else ("; pass config= a diffusers ControlNet or model folder whose config "
+                                        "supplies heads and norm groups")
+    try:
+        check_controlnet_config(cfg, f"{path} (config from its shapes and {'config=' if base else 'bundled defaults'})")
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
     try:
         sources = controlnet_sources(cn, cfg["layers_per_block"], prefix)
     except KeyError as e:
@@ -211,8 +216,6 @@ def load_controlnet_file(path, *, device: Union[str, torch.device] = "cpu",
         try:
             return ControlNetModel(cfg)
         except (ValueError, RuntimeError, TypeError, AssertionError) as e:
-            hint = "" if base is not None else ("; pass config= a diffusers ControlNet or model folder whose config "
-                                                "supplies heads and norm groups")
             raise ValueError(f"{path}: cannot build a ControlNet from the config inferred from its shapes "
                              f"({type(e).__name__}: {e}){hint}") from None
 

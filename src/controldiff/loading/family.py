@@ -37,6 +37,7 @@ def detect_family(
     text_encoder_configs: Sequence[Mapping[str, Any] | None],
     scheduler_config: Mapping[str, Any] | None,
     vae_config: Mapping[str, Any],
+    where: Any = "unet/config.json",
 ) -> ModelInfo:
     """Detect family, prediction type and UNet kind from the component configs.
 
@@ -48,11 +49,13 @@ def detect_family(
     * SD2: a text encoder uses ``hidden_act == "gelu"`` (OpenCLIP) or the UNet's
       ``cross_attention_dim`` is 1024.
     * SD1 otherwise.
+
+    ``where`` names the UNet config in errors.
     """
     in_channels = int(_get(unet_config, "in_channels", 4))
     if in_channels not in KINDS:
         raise ValueError(
-            f"unet/config.json: in_channels = {in_channels} is not supported; expected "
+            f"{where}: in_channels = {in_channels} is not supported; expected "
             + ", ".join(f"{n} ({k})" for n, k in sorted(KINDS.items()))
         )
     kind = KINDS[in_channels]

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from ..models.config import read_json
+from ..models.validate import (check_scheduler_config, check_text_encoder_config, check_unet_config,
+                               check_vae_config)
 from .family import ModelInfo, detect_family
 from .weights import align_prefix, find_weights, load_model
 
-__all__ = ["Components", "load_components", "load_text_encoder", "load_tokenizer"]
+__all__ = ["Components", "load_components", "load_text_encoder", "load_tokenizer", "check_tokenizer_files"]
 
 TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
@@ -76,6 +78,7 @@ def _text_config(config_path: Path):
     raw = read_json(config_path)
     if raw.get("model_type") == "clip" and isinstance(raw.get("text_config"), dict):
         raw = {**raw["text_config"], "architectures": raw.get("architectures")}
+    check_text_encoder_config(raw, config_path)
     return raw, CLIPTextConfig.from_dict(raw)
 
 
@@ -107,16 +110,38 @@ def load_text_encoder(folder: str | Path, *, device: str | torch.device = "cpu",
     )
 
 
-def load_tokenizer(folder: str | Path):
-    """A transformers ``CLIPTokenizer`` from local files only."""
-    from transformers import CLIPTokenizer
+#: the JSON files a tokenizer folder may hold (each must be a JSON object)
+TOKENIZER_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json")
 
+
+def check_tokenizer_files(folder: str | Path) -> Path:
+    """The tokenizer folder, after checking its files are there and readable JSON, so that an
+    empty or cut ``tokenizer.json`` / ``vocab.json`` is an error naming the file (transformers
+    names none)."""
     folder = _require_dir(Path(folder), "tokenizer")
     if not (folder / "tokenizer.json").is_file():
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: tokenizer file not found")
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    for name in TOKENIZER_JSON_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name)
+    merges = folder / "merges.txt"
+    if merges.is_file() and not (folder / "tokenizer.json").is_file() and merges.stat().st_size == 0:
+        raise ValueError(f"{merges}: the file is empty; expected the BPE merges")
+    return folder
+
+
+def load_tokenizer(folder: str | Path):
+    """A transformers ``CLIPTokenizer`` from local files only."""
+    from transformers import CLIPTokenizer
+
+    folder = check_tokenizer_files(folder)
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds, naming no file
+        raise ValueError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
 def load_components(path: str | Path, *, device: str | torch.device = "cpu",
@@ -144,6 +169,9 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu",
     unet_config = read_json(unet_dir / "config.json")
     vae_config = read_json(vae_dir / "config.json")
     scheduler_config = read_json(sched_dir / "scheduler_config.json")
+    check_unet_config(unet_config, unet_dir / "config.json")
+    check_vae_config(vae_config, vae_dir / "config.json")
+    check_scheduler_config(scheduler_config, sched_dir / "scheduler_config.json")
 
     slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, model_index, s)]
     if not slots:
@@ -152,7 +180,10 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu",
     te_configs: list[dict | None] = []
     for s in TEXT_ENCODER_SLOTS[:n]:
         te_configs.append(_text_config(_require_dir(root / s, "text encoder") / "config.json")[0] if s in slots else None)
-    info = detect_family(unet_config, te_configs, scheduler_config, vae_config)
+    info = detect_family(unet_config, te_configs, scheduler_config, vae_config, unet_dir / "config.json")
+    for s, t in zip(TEXT_ENCODER_SLOTS[:n], TOKENIZER_SLOTS[:n]):
+        if s in slots:
+            check_tokenizer_files(root / t)  # before gigabytes of weights are read
 
     unet = load_model(lambda: UNet2DConditionModel(unet_config),
                       find_weights(unet_dir, "diffusion_pytorch_model", variant), device=device, dtype=dtype)

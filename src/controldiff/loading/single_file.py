@@ -16,7 +16,6 @@ which safetensors files do not carry).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -24,11 +23,14 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from ..models.config import read_json
+from ..models.validate import (check_scheduler_config, check_text_encoder_config, check_unet_config,
+                               check_vae_config)
 from . import convert_ldm as ldm
-from .family import KINDS, detect_family
+from .family import KINDS, ModelInfo, detect_family
 from .weights import _materialise_buffers, _meta_tensors, load_state_dict
 
-__all__ = ["SingleFileMixin", "load_single_file", "detect_checkpoint", "CONFIGS_DIR"]
+__all__ = ["SingleFileMixin", "load_single_file", "single_file_configs", "detect_checkpoint", "CONFIGS_DIR"]
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -144,7 +146,7 @@ def load_converted(build, sources: Mapping[str, ldm.Source], state: Mapping[str,
 
 
 def _read(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _component_config(folder: Path, bundled: Path, name: str, file: str = "config.json") -> dict:
@@ -197,48 +199,85 @@ def _tokenizer(folder: Optional[Path], bundled: Path, name: str, default_pad: st
 # ----------------------------------------------------------------------------- the loader
 
 
-def load_single_file(path, *, device="cpu", dtype: Optional[torch.dtype] = torch.float32, config=None,
-                     prediction_type: Optional[str] = None):
-    """Every component of an original-layout checkpoint, as :class:`.folder.Components`."""
-    import transformers
-
-    from ..models.unet import UNet2DConditionModel
-    from ..models.vae import AutoencoderKL
-    from .folder import Components
-
-    path = Path(path)
+def _check_arguments(config, prediction_type: Optional[str]) -> Optional[Path]:
+    """``config=`` as a folder (or None), after checking it and ``prediction_type``."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
     folder = Path(config) if config is not None else None
     if folder is not None and not (folder / "unet").is_dir():
         raise FileNotFoundError(f"{folder}: config= must be a diffusers model folder (with unet/, vae/, ...)")
-    state = load_state_dict(path)
+    return folder
+
+
+@dataclass(frozen=True)
+class FileConfigs:
+    """What an original-layout checkpoint is, from its tensor names and shapes alone."""
+
+    checkpoint: Checkpoint
+    unet: dict
+    vae: dict
+    text: list  # a CLIP config dict per slot, None where the family has no such encoder
+    scheduler: dict
+    model_index: dict
+    info: ModelInfo
+    folder: Optional[Path]  # config=, when given
+
+
+def single_file_configs(state: Mapping[str, Tensor], path, *, config=None,
+                        prediction_type: Optional[str] = None) -> FileConfigs:
+    """The component configs of a checkpoint: shapes over ``config=`` or the bundled configs,
+    each checked (errors name the file and the key). ``state`` only needs names and shapes:
+    meta tensors from the header (:func:`.weights.meta_state_dict`) do."""
+    path = Path(path)
+    folder = _check_arguments(config, prediction_type)
     ck = detect_checkpoint(state, path)
     bundled = CONFIGS_DIR / ck.bundled
     given = folder is not None
 
     try:
-        unet_state = ldm.sub_state(state, ldm.UNET_PREFIX)
         vae_inferred = ldm.infer_vae_config(ldm.sub_state(state, ldm.VAE_PREFIX))
-        unet_inferred = ldm.infer_unet_config(unet_state)
+        unet_inferred = ldm.infer_unet_config(ldm.sub_state(state, ldm.UNET_PREFIX))
         text_inferred = [ldm.infer_clip_config(state, s.prefix, s.open_clip) if s else None for s in ck.text]
     except KeyError as e:
         raise ValueError(f"{path}: incomplete {ck.family} checkpoint: tensor {e.args[0]!r} not found") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
+    # Errors name the config= file a bad value came from, else the checkpoint (shapes and bundled configs).
+    def where(name: str, file: str = "config.json"):
+        return folder / name / file if given and (folder / name / file).is_file() else path
+
     slots = ("text_encoder", "text_encoder_2")
     text_configs = [_text_config(_component_config(folder, bundled, slots[i]), inf, ck, s, given) if s else None
                     for i, (s, inf) in enumerate(zip(ck.text, text_inferred))]
+    for i, cfg in enumerate(text_configs):
+        if cfg is not None:
+            check_text_encoder_config(cfg, where(slots[i]))
     pooled = text_configs[-1].get("projection_dim") if ck.family == "sdxl" else None
     unet_config = _unet_config(_component_config(folder, bundled, "unet"), unet_inferred, ck, given, pooled)
+    check_unet_config(unet_config, where("unet"))
     vae_config = {**_component_config(folder, bundled, "vae"), **vae_inferred}
+    check_vae_config(vae_config, where("vae"))
     scheduler_config = dict(_component_config(folder, bundled, "scheduler", "scheduler_config.json"))
     if prediction_type is not None:
         scheduler_config["prediction_type"] = prediction_type
+    check_scheduler_config(scheduler_config, where("scheduler", "scheduler_config.json"))
     model_index = _read(folder / "model_index.json") if given else None
     model_index = model_index if model_index is not None else (_read(bundled / "model_index.json") or {})
     info = detect_family(unet_config, text_configs, scheduler_config, vae_config)
+    return FileConfigs(ck, unet_config, vae_config, text_configs, scheduler_config, model_index, info, folder)
+
+
+def build_models(state: Mapping[str, Tensor], path, c: FileConfigs, *, device="cpu",
+                 dtype: Optional[torch.dtype] = torch.float32) -> tuple:
+    """(unet, vae, text encoders) filled from ``state``; with meta tensors and
+    ``device="meta"`` this checks every shape and counts parameters without reading data."""
+    import transformers
+
+    from ..models.unet import UNet2DConditionModel
+    from ..models.vae import AutoencoderKL
+
+    path, ck = Path(path), c.checkpoint
 
     def sources(what, fn):
         try:
@@ -247,16 +286,15 @@ def load_single_file(path, *, device="cpu", dtype: Optional[torch.dtype] = torch
             raise ValueError(f"{path}: tensor {e.args[0]!r} has no counterpart in the diffusers {what}; "
                              f"not a supported {ck.family} layout") from None
 
-    unet = load_converted(lambda: UNet2DConditionModel(unet_config),
-                          sources("UNet", lambda: ldm.unet_sources(state, unet_config["layers_per_block"])),
+    unet = load_converted(lambda: UNet2DConditionModel(c.unet),
+                          sources("UNet", lambda: ldm.unet_sources(state, c.unet["layers_per_block"])),
                           state, path, "UNet", device=device, dtype=dtype)
-    vae = load_converted(lambda: AutoencoderKL(vae_config), sources("VAE", lambda: ldm.vae_sources(state)),
+    vae = load_converted(lambda: AutoencoderKL(c.vae), sources("VAE", lambda: ldm.vae_sources(state)),
                          state, path, "VAE", device=device, dtype=dtype)
-    text_encoders, tokenizers = [], []
-    for i, (slot, cfg) in enumerate(zip(ck.text, text_configs)):
+    text_encoders = []
+    for i, (slot, cfg) in enumerate(zip(ck.text, c.text)):
         if slot is None:
             text_encoders.append(None)
-            tokenizers.append(None)
             continue
         cls = getattr(transformers, cfg["architectures"][0])
         tc = transformers.CLIPTextConfig.from_dict(cfg)
@@ -268,11 +306,28 @@ def load_single_file(path, *, device="cpu", dtype: Optional[torch.dtype] = torch
             src = {k: v for k, v in src.items() if not _beyond(k, cfg["num_hidden_layers"])}
         text_encoders.append(load_converted(lambda: cls(tc), src, state, path, f"text encoder {i + 1}",
                                             device=device, dtype=dtype))
-        pad = "<|endoftext|>" if ck.family == "sd1" or (ck.family == "sdxl" and i == 0) else "!"
-        tokenizers.append(_tokenizer(folder, bundled, ("tokenizer", "tokenizer_2")[i], pad))
+    return unet, vae, text_encoders
+
+
+def load_single_file(path, *, device="cpu", dtype: Optional[torch.dtype] = torch.float32, config=None,
+                     prediction_type: Optional[str] = None):
+    """Every component of an original-layout checkpoint, as :class:`.folder.Components`."""
+    from .folder import Components
+
+    path = Path(path)
+    _check_arguments(config, prediction_type)  # before reading gigabytes
+    state = load_state_dict(path)
+    c = single_file_configs(state, path, config=config, prediction_type=prediction_type)
+    unet, vae, text_encoders = build_models(state, path, c, device=device, dtype=dtype)
     del state
+    tokenizers = []
+    for i, te in enumerate(text_encoders):
+        family = c.checkpoint.family
+        pad = "<|endoftext|>" if family == "sd1" or (family == "sdxl" and i == 0) else "!"
+        tokenizers.append(None if te is None else _tokenizer(c.folder, CONFIGS_DIR / c.checkpoint.bundled,
+                                                             ("tokenizer", "tokenizer_2")[i], pad))
     return Components(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
-                      scheduler_config=scheduler_config, info=info, path=path, model_index=model_index)
+                      scheduler_config=c.scheduler, info=c.info, path=path, model_index=c.model_index)
 
 
 def _beyond(name: str, layers: int) -> bool:

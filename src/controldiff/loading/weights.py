@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pickle
 import re
 import struct
@@ -29,6 +30,8 @@ __all__ = [
     "PICKLE_EXTENSIONS",
     "WEIGHT_EXTENSIONS",
     "load_state_dict",
+    "read_safetensors_header",
+    "meta_state_dict",
     "find_weights",
     "load_model",
     "align_prefix",
@@ -73,8 +76,45 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _check_safetensors(path: Path) -> None:
-    """Validate the header and the data extent; name the first tensor whose bytes are missing."""
+#: bytes per element of the safetensors dtypes, and the torch dtype of each
+_SAFETENSORS_DTYPES = {
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64), "I32": (4, torch.int32), "I16": (2, torch.int16), "I8": (1, torch.int8),
+    "U8": (1, torch.uint8), "BOOL": (1, torch.bool),
+    "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
+}
+
+
+def _entry(path: Path, name: str, info) -> tuple[int, int]:
+    """The data offsets of one header entry, checked against its dtype and shape."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: corrupt safetensors header: the entry of tensor {name!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad(f"is a {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"has no 'dtype' (got {dtype!r})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has no valid 'shape' (a list of sizes >= 0; got {shape!r})")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has no valid 'data_offsets' ([start, end]; got {offsets!r})")
+    size = _SAFETENSORS_DTYPES.get(dtype, (None,))[0]
+    if size is not None and offsets[1] - offsets[0] != size * math.prod(shape):
+        raise bad(f"says {dtype} {shape} ({size * math.prod(shape)} bytes) but its data_offsets span "
+                  f"{offsets[1] - offsets[0]} bytes")
+    return offsets[0], offsets[1]
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, dict]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file, from its
+    header alone (no tensor is read), after checking the file like :func:`load_state_dict`
+    does: empty files, git-lfs pointers, a cut or corrupt header, entries without a dtype
+    or shape, and data missing at the end of the file raise a ``ValueError`` naming the file
+    (and the first tensor whose bytes are missing). ``__metadata__`` is left out."""
+    path = Path(path)
+    _check_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -101,17 +141,9 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
     available = size - 8 - n
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        entries.append((start, end, name))
-    entries.sort()
+    entries = sorted((*_entry(path, name, info), name) for name, info in header.items())
     for start, end, name in entries:
         if end > available:
             raise ValueError(
@@ -119,13 +151,27 @@ def _check_safetensors(path: Path) -> None:
                 f"data section) is missing: the file holds only {available} data bytes "
                 f"({size} bytes in all); re-download the file"
             )
+    return header
+
+
+def meta_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors on the ``meta`` device: names, shapes and dtypes from the
+    header alone, for what only needs those (detecting a checkpoint's layout, counting
+    parameters) without reading gigabytes."""
+    path = Path(path)
+    out = {}
+    for name, info in read_safetensors_header(path).items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which this torch cannot hold")
+        out[name] = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]][1], device="meta")
+    return out
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    _check_safetensors(path)
+    read_safetensors_header(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -165,9 +211,9 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read one weights file into a ``{name: tensor}`` dict on the CPU, safely."""
     path = Path(path)
-    _check_file(path)
     if path.suffix.lower() in SAFETENSORS_EXTENSIONS:
         return _load_safetensors(path)
+    _check_file(path)
     return _load_pickle(path)
 
 

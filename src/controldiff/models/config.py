@@ -40,11 +40,24 @@ def check_options(config: Config, what: str, defaults: Mapping[str, Any], unsupp
 
 
 def read_json(path: str | Path) -> dict:
-    """Read a JSON config, naming the file in the error if it is missing or broken."""
+    """Read a JSON config, which must be an object; the error names the file if it is
+    missing, unreadable, empty, not JSON or not an object."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text: {e})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; expected a JSON object")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        kind = {"list": "array", "str": "string", "NoneType": "null", "bool": "boolean"}.get(type(data).__name__, "number")
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {kind}")
+    return data
