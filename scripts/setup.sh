@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOCK=${CONTROLDIFF_LOCK:-requirements/lock.txt}
+quiet() { "$@" 2> >(grep -v '^WARNING: Location' >&2); }  # this machine's pip config lists absent mirrors
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -14,8 +15,8 @@ stamp=.venv/.controldiff-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$LOCK" -nt "$stamp" ] \
     || [ "$(cat "$stamp")" != "$LOCK" ]; then
   torch_pin=$(grep -E '^torch==' "$LOCK" | head -n 1)
-  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "${torch_pin:-torch==2.13.0}"
-  .venv/bin/python -m pip install -q -c "$LOCK" -e ".[dev]"
+  .venv/bin/python -c "import torch" 2>/dev/null || quiet .venv/bin/python -m pip install -q "${torch_pin:-torch==2.13.0}"
+  quiet .venv/bin/python -m pip install -q -c "$LOCK" -e ".[dev]"
   # every installed package must be pinned: one that is not came from a requirement added
   # after the lock was written, at whatever version is newest today
   unpinned=$(.venv/bin/python -m pip freeze --exclude-editable | sed 's/+[^ ]*$//' | grep -vxFf "$LOCK" || true)
