@@ -252,9 +252,11 @@ def test_bad_arguments_are_named(sd1):
     elsewhere = copy.deepcopy(model).to("meta")
     with pytest.raises(ValueError, match=r"model: the ControlNet is on meta.*device='cpu'"):
         sd1["ours"]("x", controls=[ControlNet(elsewhere, control_image(0))], **COMMON)
-    two_channels = torch.rand(1, 2, 64, 64)
+    one_channel = torch.rand(1, 1, 64, 64)
     with pytest.raises(ValueError, match=r"image: this ControlNet expects a control image with 3 channel"):
-        sd1["ours"]("x", controls=[ControlNet(model, two_channels)], **COMMON)
+        sd1["ours"]("x", controls=[ControlNet(model, one_channel)], **COMMON)
+    with pytest.raises(ValueError, match=r"image: tensors are channels first.*\(1, 2, 64, 64\)"):
+        ControlNet(model, torch.rand(1, 2, 64, 64))  # refused when the control is made
 
 
 def test_loader_errors_name_the_file(sd1, tmp_path):

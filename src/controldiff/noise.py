@@ -1,6 +1,7 @@
 """Random tensors drawn exactly as diffusers draws them, so seeds carry over."""
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence, Union
 
 import torch
@@ -40,7 +41,20 @@ SEED_LIMIT = 2**64
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    """``seed`` as an int, or a ValueError naming ``name`` and the accepted range."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    """``seed`` (an int or numpy integer) as an int, or a ValueError naming ``name`` and the
+    accepted range."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= int(seed) < SEED_LIMIT:
         raise ValueError(f"{name}: expected an integer in [0, 2**64), got {seed!r}")
     return int(seed)
+
+
+def check_generator(generator, batch: int) -> None:
+    """A torch.Generator or a list of them, one per image, as the reference pipelines
+    require (``len(generator) != batch_size`` is refused there too)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"generator: expected a torch.Generator or a list of them, got {generator!r}")
+    if len(generator) != batch:
+        raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch} images "
+                         "(prompts x num_images_per_prompt); pass one per image, or a single generator")

@@ -6,8 +6,10 @@ other technique comes in through ``controls``.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
@@ -19,13 +21,28 @@ from .controls.inpaint import InpaintBlend, InpaintConcat
 from .loading.lora import LoraMixin
 from .loading.single_file import SingleFileMixin
 from .loading.textual_inversion import TextualInversionMixin
-from .images import image_size, load_image, postprocess, preprocess_image, preprocess_mask
-from .noise import randn_tensor
+from .defaults import default_strength, defaults_for, task_of
+from .images import as_batch, image_size, postprocess, preprocess_image, preprocess_mask
+from .memory import check_fits
+from .noise import check_generator, check_seed, randn_tensor
 from .sampling.control import Context, Control
+from .sampling.finite import check_finite
 from .sampling.loop import sample
 from .text.encode import PromptEncoder, TextCond, as_list as _as_list
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _check_positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_finite_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -104,11 +121,16 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
                          and self.model_index.get("force_zeros_for_empty_prompt", True))
         text = self.prompt_encoder.encode_pair(prompts, negative, prompts_2, negative_2, guided=guided,
                                                zero_negative=zero_negative, clip_skip=clip_skip)
-        return {k: self._place(v, n) for k, v in text.items()}
+        names = {"cond": "prompt", "uncond": "negative_prompt"}
+        return {k: self._place(v, n, names.get(k, k)) for k, v in text.items()}
 
-    def _place(self, cond: TextCond, n: int) -> TextCond:
-        """On the model's device and dtype, each prompt repeated n times."""
-        return cond.to(self.device, self.dtype).repeat(n)
+    def _place(self, cond: TextCond, n: int, what: str) -> TextCond:
+        """On the model's device and dtype, each prompt repeated n times; checked finite."""
+        cond = cond.to(self.device, self.dtype)
+        for t in (cond.embeds, cond.pooled):
+            if t is not None:
+                check_finite(t, f"text encoder ({what})", self.dtype)
+        return cond.repeat(n)
 
     @property
     def prompt_syntax(self) -> str:
@@ -119,14 +141,33 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
     def prompt_syntax(self, value: str) -> None:
         self.prompt_encoder.syntax = value
 
-    def _time_ids(self, size, crops, target, batch: int) -> torch.Tensor:
-        ids = list(size) + list(crops) + list(target)
+    def _time_ids(self, ids: list, batch: int) -> torch.Tensor:
         proj_dim = self.text_encoders[-1].config.projection_dim
         expected = self.unet.add_embedding.linear_1.in_features
         if self.unet.config.addition_time_embed_dim * len(ids) + proj_dim != expected:
             raise ValueError(f"unet: expects an added embedding of {expected}, the text encoder gives "
                              f"{self.unet.config.addition_time_embed_dim * len(ids) + proj_dim}")
         return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(batch, 1)
+
+    def _micro_conditioning(self, task: str, size: tuple, sdxl: dict, batch: int) -> tuple:
+        """SDXL's added time ids for "cond" and "uncond" (None: the same as "cond"), by the
+        rules of the reference pipeline for the task. A refiner takes 5 ids, the aesthetic
+        score instead of the target size (``StableDiffusionXLImg2ImgPipeline``)."""
+        original = tuple(sdxl["original_size"] or size)
+        target = tuple(sdxl["target_size"] or size)
+        crops, neg_crops = tuple(sdxl["crops_coords_top_left"]), tuple(sdxl["negative_crops_coords_top_left"])
+        neg_original, neg_target = sdxl["negative_original_size"], sdxl["negative_target_size"]
+        if self.info.refiner:
+            cond = [*original, *crops, sdxl["aesthetic_score"]]
+            uncond = [*(neg_original or original), *neg_crops, sdxl["negative_aesthetic_score"]]
+            return self._time_ids(cond, batch), self._time_ids(uncond, batch)
+        cond = self._time_ids([*original, *crops, *target], batch)
+        if task in ("img2img", "inpaint"):  # negative sizes default to the positive ones; crops are the positive ones
+            uncond = [*(neg_original or original), *crops, *(neg_target or target)]
+            return cond, self._time_ids(uncond, batch)
+        if neg_original is not None and neg_target is not None:
+            return cond, self._time_ids([*neg_original, *neg_crops, *neg_target], batch)
+        return cond, None
 
     # ------------------------------------------------------------------ latents
     def _encode_image(self, image: torch.Tensor, generator) -> torch.Tensor:
@@ -137,6 +178,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
             latents = torch.cat(parts)
         else:
             latents = self.vae.encode(image).sample(generator)
+        check_finite(latents, "VAE encode (image)", self.vae.dtype)
         sf = self.vae.config.scaling_factor
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((latents - shift) * sf).to(self.dtype)
@@ -171,8 +213,8 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         negative_prompt: Union[str, List[str], None] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
         scheduler: Optional[str] = None,
         generator=None,
         num_images_per_prompt: int = 1,
@@ -183,7 +225,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         output_type: str = "pil",
         *,
         seed: Optional[int] = None,
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         clip_skip: Optional[int] = None,
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None,
         prompt_2=None,
@@ -194,90 +236,101 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         negative_original_size: Optional[tuple] = None,
         negative_target_size: Optional[tuple] = None,
         negative_crops_coords_top_left: tuple = (0, 0),
+        aesthetic_score: Optional[float] = None,
+        negative_aesthetic_score: Optional[float] = None,
     ) -> Output:
+        """Generate images. Arguments left at None take the reference pipeline's default for
+        this model family and task (:mod:`controldiff.defaults`: e.g. SDXL guidance 5.0,
+        img2img strength 0.8, SDXL refiner aesthetic scores 6.0 / 2.5); ``out.settings``
+        records the values used. Every argument is checked before any model runs."""
+        # ---- everything is checked first: no encoding, no allocation before this block ends
         prompts = _as_list(prompt, "prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt: expected a positive integer, got {num_images_per_prompt!r}")
+        _check_positive(num_images_per_prompt, "num_images_per_prompt")
         sdxl = self.info.family == "sdxl"
-        if not sdxl and any(v is not None for v in (prompt_2, negative_prompt_2, original_size, target_size)):
-            raise ValueError("prompt_2/negative_prompt_2/original_size/target_size: only for SDXL models, "
-                             f"this model is {self.info.family}")
+        xl_only = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+                       target_size=target_size, aesthetic_score=aesthetic_score,
+                       negative_aesthetic_score=negative_aesthetic_score)
+        if not sdxl and any(v is not None for v in xl_only.values()):
+            names = "/".join(k for k, v in xl_only.items() if v is not None)
+            raise ValueError(f"{names}: only for SDXL models, this model is {self.info.family}")
         controls = list(controls)
         for c in controls:
             if not isinstance(c, Control):
                 raise ValueError(f"controls: expected controldiff controls, got {type(c).__name__}")
+        if self.info.kind == "inpaint" and mask_image is None:
+            raise ValueError("mask_image: this is an inpainting model (9 input channels): pass image and mask_image")
 
-        # seeds and generators
+        task = task_of(self.info.kind, image, mask_image)
+        d = defaults_for(self.info.family, task)
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        _check_positive(steps, "num_inference_steps")
+        cfg = CFG(d.guidance_scale if guidance_scale is None else guidance_scale)
+        eta = _check_finite_number(d.eta if eta is None else eta, "eta")
+        aesthetic = _check_finite_number(d.aesthetic_score if aesthetic_score is None else aesthetic_score,
+                                         "aesthetic_score")
+        negative_aesthetic = _check_finite_number(
+            d.negative_aesthetic_score if negative_aesthetic_score is None else negative_aesthetic_score,
+            "negative_aesthetic_score")
+
+        batch = len(prompts) * num_images_per_prompt
         if generator is not None and seed is not None:
             raise ValueError("generator, seed: pass one of them, not both")
+        check_generator(generator, batch)
         if generator is None:
-            if seed is None:
-                seed = random.randrange(2**32)
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+            seed = random.randrange(2**32) if seed is None else check_seed(seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
 
-        # images, sizes, strength
         if mask_image is not None and image is None:
             raise ValueError("mask_image: inpainting also needs image")
         if strength is not None and image is None:
             raise ValueError("strength: only meaningful with image (img2img or inpainting)")
         if image is not None:
-            image = load_image(image, "image")
+            image = as_batch(image, "image", "image")
             if mask_image is not None:
-                mask_image = load_image(mask_image, "mask_image")
-                if image_size(mask_image) != image_size(image):
-                    raise ValueError(f"mask_image: size {image_size(mask_image)} (h, w) differs from image size "
-                                     f"{image_size(image)}")
-            strength = (1.0 if mask_image is not None else 0.8) if strength is None else float(strength)
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength: expected a value in (0, 1], got {strength}")
-            ih, iw = image_size(image)
-            height = ih - ih % self.latent_factor if height is None else height
-            width = iw - iw % self.latent_factor if width is None else width
-        dh, dw = self.default_size
-        suggested = next((s for s in (c.default_size() for c in controls) if s is not None), None)
-        if suggested is not None:  # e.g. a ControlNet image's size, rounded down to the latent factor
-            dh, dw = (v - v % self.latent_factor for v in suggested)
-        height = dh if height is None else height
-        width = dw if width is None else width
-        f = self.latent_factor
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % f:
-                raise ValueError(f"{name}: expected a positive multiple of {f} (the VAE's latent factor), got {v!r}")
-        if self.info.kind == "inpaint" and mask_image is None:
-            raise ValueError("mask_image: this is an inpainting model (9 input channels): pass image and mask_image")
-
-        batch = len(prompts) * num_images_per_prompt
-        cfg = CFG(guidance_scale)
-        text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
-                                    num_images_per_prompt, clip_skip)
+                mask_image = as_batch(mask_image, "mask_image", "mask")
+                mask_size = image_size(mask_image, "mask_image", "mask")
+                if mask_size != image_size(image):
+                    raise ValueError(f"mask_image: size {mask_size} (h, w) differs from image size {image_size(image)}")
+            strength = default_strength(self.info.family, task) if strength is None else strength
+            if isinstance(strength, bool) or not isinstance(strength, Real) or not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength: expected a value in (0, 1], got {strength!r}")
+            strength = float(strength)
+        height, width = self._default_size(height, width, image, controls)
+        check_fits(batch, height, width, self.vae.config.block_out_channels[0], self.vae.dtype.itemsize,
+                   self.device, num_images_per_prompt)
+        for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
+                            ("negative_prompt_2", negative_prompt_2)):
+            self.prompt_encoder.check(value, name)
 
         # timesteps
         sched = self.make_scheduler(scheduler)
-        sched.set_timesteps(num_inference_steps, device=self.device)
+        sched.set_timesteps(steps, device=self.device)
         timesteps = sched.timesteps
         if image is not None:
-            init = min(int(num_inference_steps * strength), num_inference_steps)
-            t_start = max(num_inference_steps - init, 0)
+            init = min(int(steps * strength), steps)
+            t_start = max(steps - init, 0)
+            if steps - t_start < 1:
+                raise ValueError(f"strength: {strength} with {steps} steps leaves no step to run; "
+                                 "raise strength or num_inference_steps")
             timesteps = timesteps[t_start * sched.order:]
             sched.set_begin_index(t_start * sched.order)
-            if num_inference_steps - t_start < 1:
-                raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run; "
-                                 "raise strength or num_inference_steps")
 
+        # ---- the work
+        text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
+                                    num_images_per_prompt, clip_skip)
         ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator,
-                      encode=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")), num_images_per_prompt),
-                      vae=self.vae, info=self.info, height=height, width=width)
-        ctx.extras["guidance_scale"] = guidance_scale
+                      encode=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")),
+                                                   num_images_per_prompt, "a control's prompt"),
+                      vae=self.vae, info=self.info, height=height, width=width, steps=len(timesteps),
+                      guidance_scale=cfg.scale)
         if sdxl:
-            size = (height, width)
-            ctx.time_ids = self._time_ids(original_size or size, crops_coords_top_left, target_size or size, batch)
-            if negative_original_size is not None and negative_target_size is not None:
-                ctx.extras["uncond_time_ids"] = self._time_ids(negative_original_size, negative_crops_coords_top_left,
-                                                               negative_target_size, batch)
+            micro = dict(xl_only, crops_coords_top_left=crops_coords_top_left, aesthetic_score=aesthetic,
+                         negative_aesthetic_score=negative_aesthetic, negative_original_size=negative_original_size,
+                         negative_target_size=negative_target_size,
+                         negative_crops_coords_top_left=negative_crops_coords_top_left)
+            ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning(task, (height, width), micro, batch)
 
         latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
                                                   sched, generator)
@@ -292,18 +345,37 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         step_kwargs = {"eta": eta} if eta else {}
         latents, done = sample(ctx, latents, timesteps, all_controls, callback=callback, progress=self.progress,
                                step_kwargs=step_kwargs)
-        cancelled = done < len(timesteps)
-        settings = dict(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width,
-                        steps=num_inference_steps, guidance_scale=guidance_scale,
-                        scheduler=scheduler or sched.name, seed=seed, strength=strength)
+        settings = dict(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width, task=task,
+                        steps=steps, guidance_scale=cfg.scale, scheduler=scheduler or sched.name, seed=seed,
+                        strength=strength, eta=eta, clip_skip=clip_skip,
+                        controls=[c.describe() for c in controls])
+        if sdxl:
+            settings.update(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+            if self.info.refiner:
+                settings.update(aesthetic_score=aesthetic, negative_aesthetic_score=negative_aesthetic)
+        out = Output(latents, seed, done, done < len(timesteps), settings)
         if output_type == "latent":
-            return Output(latents, seed, done, cancelled, settings)
-        decoded = self._decode_wrapped(latents, ctx.extras.get("decode_wrap", 0))
-        if torch.isnan(decoded).any():
-            hint = ("try dtype=torch.float32, or a VAE made for float16" if self.dtype != torch.float32
-                    else "check the weights and the controls' strengths")
-            raise FloatingPointError(f"the decoded image contains NaN (dtype={self.dtype}): nothing was saved; {hint}")
-        return Output(postprocess(decoded.float(), output_type), seed, done, cancelled, settings)
+            return out
+        decoded = self._decode_wrapped(latents, ctx.decode_wrap)
+        check_finite(decoded, "VAE decode", self.vae.dtype)
+        out.images = postprocess(decoded.float(), output_type)
+        return out
+
+    def _default_size(self, height, width, image, controls) -> tuple[int, int]:
+        """Checked (height, width): given, else the image's, a control's or the model's size,
+        rounded down to the latent factor (:mod:`controldiff.defaults`)."""
+        f = self.latent_factor
+        if image is not None:
+            dh, dw = image_size(image)
+        else:
+            suggested = next((s for s in (c.default_size() for c in controls) if s is not None), None)
+            dh, dw = self.default_size if suggested is None else suggested  # e.g. a ControlNet image's size
+        height = dh - dh % f if height is None else height
+        width = dw - dw % f if width is None else width
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f:
+                raise ValueError(f"{name}: expected a positive multiple of {f} (the VAE's latent factor), got {v!r}")
+        return height, width
 
     def _prepare_latents(self, batch, height, width, image, mask_image, strength, timesteps, sched, generator):
         """Initial latents, plus the internal controls img2img/inpainting need."""

@@ -2,16 +2,27 @@
 
 Declares the "uncond" and "cond" branches and combines them as
 ``uncond + scale * (cond - uncond)``; with scale <= 1 only "cond" is evaluated, as in
-diffusers.
+diffusers. The scale must be a finite number: NaN would otherwise silently turn
+guidance off (NaN > 1 is False) and infinity would fill the latents with NaN.
 """
 from __future__ import annotations
+
+import math
+from numbers import Real
 
 from ..sampling.control import Branch, Control
 
 
+def check_guidance(scale, name: str = "guidance_scale") -> float:
+    """``scale`` as a float, or a ValueError naming ``name``."""
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"{name}: expected a finite number (<= 1 turns guidance off), got {scale!r}")
+    return float(scale)
+
+
 class CFG(Control):
     def __init__(self, scale: float = 7.5):
-        self.scale = float(scale)
+        self.scale = check_guidance(scale)
 
     @property
     def enabled(self) -> bool:
@@ -21,7 +32,7 @@ class CFG(Control):
         cond = Branch("cond", ctx.text["cond"])
         if not self.enabled:
             return [cond]
-        return [Branch("uncond", ctx.text["uncond"], time_ids=ctx.extras.get("uncond_time_ids")), cond]
+        return [Branch("uncond", ctx.text["uncond"], time_ids=ctx.uncond_time_ids), cond]
 
     def combine(self, ctx, step, preds, noise):
         if not self.enabled:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..images import image_size, to_tensor01, load_image
+from ..images import as_batch, image_size, to_tensor01
 from ..models.controlnet import ControlNetModel
 from ..sampling.control import Control, crop_views
 
@@ -83,7 +83,7 @@ class ControlNet(Control):
         if image is None:
             raise ValueError("image: ControlNet needs a control image")
         self.model = model
-        self.image = load_image(image, "image")
+        self.image = as_batch(image, "image", "control")
         self.scale = check_scale(scale)
         self.start, self.end = float(start), float(end)
         if not 0.0 <= self.start < self.end <= 1.0:

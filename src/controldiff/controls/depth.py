@@ -8,20 +8,25 @@ depth estimator, which is not bundled yet: pass ``depth_map``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..images import load_image
+from ..images import open_image
 from ..sampling.control import Control
 
 
 def _depth_tensor(depth_map) -> torch.Tensor:
-    """PIL / numpy / tensor depth -> (N, H, W) float (larger = nearer, any scale)."""
-    depth_map = load_image(depth_map, "depth_map")
+    """PIL / numpy / tensor / path depth -> (N, H, W) float (larger = nearer, any scale; a
+    16-bit PNG keeps its 16 bits)."""
+    if isinstance(depth_map, (str, Path)):
+        depth_map = open_image(depth_map, "depth_map")
     if isinstance(depth_map, PIL.Image.Image):
-        depth_map = np.asarray(depth_map.convert("F") if depth_map.mode not in ("I", "F") else depth_map)
+        keep = depth_map.mode in ("F", "I") or depth_map.mode.startswith("I;16")  # 16/32-bit depth as it is
+        depth_map = np.asarray(depth_map if keep else depth_map.convert("F"))
     if isinstance(depth_map, np.ndarray):
         depth_map = torch.from_numpy(depth_map.astype(np.float32))
     if not isinstance(depth_map, torch.Tensor):

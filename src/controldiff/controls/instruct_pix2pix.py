@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..images import image_size, load_image, preprocess_image
+from ..images import as_batch, image_size, preprocess_image
 from ..sampling.control import Branch, Control
 
 
@@ -26,7 +26,7 @@ class InstructPix2Pix(Control):
             raise ValueError("image: InstructPix2Pix needs the image to edit")
         if isinstance(image_guidance_scale, bool) or not isinstance(image_guidance_scale, (int, float)):
             raise ValueError(f"image_guidance_scale: expected a number, got {image_guidance_scale!r}")
-        self.image = load_image(image, "image")
+        self.image = as_batch(image, "image", "image")
         self.image_guidance_scale = float(image_guidance_scale)
         self.name = "ip2p_uncond_zero_image"
         self._channels = slice(0, 0)
@@ -64,7 +64,7 @@ class InstructPix2Pix(Control):
         if not self.guided or self.image_guidance_scale == 1.0:
             return []
         return [Branch(self.name, ctx.text["uncond"], concat=self._zero_image(ctx),
-                       time_ids=ctx.extras.get("uncond_time_ids"))]
+                       time_ids=ctx.uncond_time_ids)]
 
     def combine(self, ctx, step, preds, noise):
         if "uncond" not in preds:

@@ -69,7 +69,7 @@ class MultiDiffusion(Control):
         if self.circular:
             # the reference decodes circular panoramas with 8 wrapped latent columns on each
             # side (decode_latents_with_padding); for the pipeline's decoder to honour
-            ctx.extras["decode_wrap"] = 8
+            ctx.decode_wrap = 8
 
     def calls_per_step(self) -> int:
         """UNet calls one step makes (groups of views)."""

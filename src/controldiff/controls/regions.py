@@ -138,9 +138,7 @@ class Regions(Control):
         self.background = (1.0 - total).clamp(min=0)
         self.guided = "uncond" in ctx.text
         if self.guided:
-            if "guidance_scale" not in ctx.extras:
-                raise ValueError("Regions: the pipeline did not share its guidance_scale (ctx.extras['guidance_scale'])")
-            self.scale = float(ctx.extras["guidance_scale"])
+            self.scale = float(ctx.guidance_scale)
 
     def branches(self, ctx, step):
         return [Branch(name, text) for name, text, _ in self.active]

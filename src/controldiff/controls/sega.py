@@ -8,6 +8,7 @@ computed on the latents' device; momentum lives for one run (reset in ``setup``)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Sequence, Union
@@ -15,14 +16,17 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..sampling.control import Branch, Control
-from ..text.encode import TextCond
+from ..text.encode import TextCond, check_text
 
 
 @dataclass
 class Concept:
     """One editing concept. ``scale``: guidance strength; ``reverse``: steer away;
     ``warmup``/``cooldown``: step indices where it starts/stops acting (cooldown None = never);
-    ``threshold``: quantile of |guidance| below which it is zeroed; ``weight``: None = 1."""
+    ``threshold``: quantile of |guidance| below which it is zeroed; ``weight``: None = 1.
+
+    A ``warmup`` at or past the number of steps the run has would make the concept do
+    nothing: SEGA refuses it with a ValueError before step 0 (the reference is silent)."""
 
     prompt: str
     scale: float = 5.0
@@ -35,9 +39,11 @@ class Concept:
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt:
             raise ValueError(f"Concept.prompt: expected a non-empty string, got {self.prompt!r}")
+        check_text(self.prompt, "Concept.prompt")
         for name in ("scale", "threshold") + (("weight",) if self.weight is not None else ()):
-            if not isinstance(getattr(self, name), Real):
-                raise ValueError(f"Concept.{name}: expected a number, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+                raise ValueError(f"Concept.{name}: expected a finite number, got {v!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"Concept.threshold: expected a value in [0, 1], got {self.threshold}")
         for name in ("warmup",) + (("cooldown",) if self.cooldown is not None else ()):
@@ -72,6 +78,11 @@ class SEGA(Control):
                              "its guidance is measured from the unconditional prediction")
         if ctx.encode is None:
             raise ValueError("concepts: SEGA needs a context that can encode prompts (ctx.encode)")
+        for c in self.concepts:
+            if c.warmup >= ctx.steps:
+                raise ValueError(f"Concept.warmup: {c.warmup} for {c.prompt!r} is at or past the {ctx.steps} steps "
+                                 "this run has, so the concept would never act; lower warmup or raise "
+                                 "num_inference_steps (img2img runs only strength x num_inference_steps)")
         self._momentum = {}
         self._text = {}
         for c in self.concepts:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..images import image_size, load_image
+from ..images import as_batch, image_size
 from ..models.t2i_adapter import T2IAdapter as T2IAdapterModel
 from ..sampling.control import Control, View
 from .controlnet import check_device, check_scale, control_image
@@ -66,7 +66,7 @@ class T2IAdapter(Control):
         if image is None:
             raise ValueError("image: T2IAdapter needs a control image")
         self.model = model
-        self.image = load_image(image, "image")
+        self.image = as_batch(image, "image", "control")
         self.scale = check_scale(scale)
         self._features: Optional[list] = None
         self._cache: tuple = (None, None)

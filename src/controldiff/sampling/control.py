@@ -19,6 +19,8 @@ views side by side (view-major within each branch).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -139,7 +141,11 @@ class Context:
     info: Any = None                          # loading.family.ModelInfo
     height: int = 0                           # image size in pixels
     width: int = 0
-    extras: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 0                            # timesteps this run has (fewer than asked for img2img)
+    guidance_scale: float = 1.0               # classifier-free guidance scale (<= 1: off)
+    uncond_time_ids: Optional[torch.Tensor] = None  # SDXL micro-conditioning for "uncond" (None: as "cond")
+    decode_wrap: int = 0                      # latent columns wrapped around each side when decoding
+    extras: Dict[str, Any] = field(default_factory=dict)  # free for user controls to share state
 
     @property
     def device(self) -> torch.device:
@@ -163,8 +169,46 @@ class Context:
         return self.unet.dtype
 
 
+def plain(value: Any) -> Any:
+    """``value`` as plain data for metadata: numbers, strings, lists and dicts; a model by
+    its name (``source``, a loader-set path, else its config's ``_name_or_path``, else its
+    class); images and tensors are left out (None)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return settings((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, torch.nn.Module):
+        config = getattr(value, "config", None) or {}
+        name = getattr(value, "source", None) or (config.get("_name_or_path") if isinstance(config, dict) else None)
+        return str(name) if name else type(value).__name__
+    return None
+
+
+def settings(pairs) -> dict:
+    """(name, value) pairs as plain data; pairs whose value has no plain form (images,
+    tensors) are dropped, a None value is kept."""
+    out = {}
+    for name, value in pairs:
+        p = plain(value)
+        if p is not None or value is None:
+            out[name] = p
+    return out
+
+
 class Control:
     """Base class: every hook is optional and does nothing by default."""
+
+    def describe(self) -> dict:
+        """The control's name and settings, for metadata (``out.settings["controls"]``):
+        every constructor argument kept as a public attribute of the same name, as plain
+        data (:func:`plain`; images and tensors left out). Override to say more."""
+        names = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
+                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and hasattr(self, p.name)]
+        return {"name": type(self).__name__, **settings((n, getattr(self, n)) for n in names)}
 
     def setup(self, ctx: Context) -> None:
         pass

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..text.encode import TextCond
 from .control import Branch, Context, Control, ModelCall, Step, crop_views
+from .finite import check_finite
 
 
 def _gather_branches(controls: Sequence[Control], ctx: Context, step: Step) -> list[Branch]:
@@ -78,7 +79,8 @@ def sample(
     """Denoise ``latents`` over ``timesteps``; return (latents, steps done).
 
     ``callback(i, t, latents)`` runs after each step; returning False stops the loop
-    early (the latents reached so far are returned, nothing is lost).
+    early (the latents reached so far are returned, nothing is lost). Latents that turn
+    NaN or infinite stop the loop at that step with a FloatingPointError naming it.
     """
     step_kwargs = step_kwargs or {}
     owner = _views_owner(controls)
@@ -105,6 +107,7 @@ def sample(
             latents = denoise(latents) if owner is None else owner.step_views(ctx, step, latents, denoise)
             for c in controls:
                 latents = c.after_step(ctx, step, latents)
+            check_finite(latents, f"UNet step {i + 1} of {count} (t={float(t):g})", ctx.dtype)
             done = i + 1
             bar.update()
             if callback is not None and callback(i, t, latents) is False:

@@ -18,12 +18,23 @@ from .chunks import Chunks, build_chunks, describe, empty_chunk
 from .weighting import SYNTAXES, Blend, Fragment, parse
 
 
+def check_text(value: str, name: str) -> str:
+    """``value`` if it is text the tokenizer can read (encodable as UTF-8: no lone surrogates
+    from a wrongly decoded file or argv), else a ValueError naming ``name``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid UTF-8 text (an unpaired surrogate {value[e.start]!r} at "
+                         f"character {e.start}); decode the text with the right encoding: {value!r}") from None
+    return value
+
+
 def as_list(value, name: str) -> list[str]:
     """A prompt argument as a list of strings, or a ValueError naming the argument."""
     if isinstance(value, str):
-        return [value]
+        return [check_text(value, name)]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [check_text(v, name) for v in value]
     raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {value!r}")
 
 
@@ -163,6 +174,14 @@ class PromptEncoder:
         if value not in SYNTAXES:
             raise ValueError(f"syntax: expected one of {SYNTAXES}, got {value!r}")
         self._syntax = value
+
+    def check(self, prompts, name: str = "prompt") -> None:
+        """Parse ``prompts`` with the current syntax (no model runs): malformed syntax, weights
+        that are not finite or out of range, and non-UTF-8 text raise a ValueError naming ``name``."""
+        if prompts is None:
+            return
+        for p in as_list(prompts, name):
+            parse(p, self.syntax, name)
 
     def expand(self, prompt: str) -> str:
         for word, replacement in self.expansions.items():
