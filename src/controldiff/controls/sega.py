@@ -80,7 +80,7 @@ class SEGA(Control):
             raise ValueError("concepts: SEGA needs a context that can encode prompts (ctx.encode)")
         for c in self.concepts:
             if c.warmup >= ctx.steps:
-                raise ValueError(f"Concept.warmup: {c.warmup} for {c.prompt!r} is at or past the {ctx.steps} steps "
+                raise ValueError(f"Concept.warmup: {c.warmup} for {c.prompt!r} is at or past the {ctx.steps} timesteps "
                                  "this run has, so the concept would never act; lower warmup or raise "
                                  "num_inference_steps (img2img runs only strength x num_inference_steps)")
         self._momentum = {}

@@ -176,7 +176,8 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        items = [plain(v) for v in value]
+        return None if any(p is None and v is not None for p, v in zip(items, value)) else items
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -154,10 +154,14 @@ class PromptEncoder:
     """
 
     def __init__(self, tokenizers, text_encoders, sdxl: bool, syntax: str = "a1111", truncate: bool = False):
-        if len(tokenizers) != len(text_encoders) or not tokenizers:
+        if len(tokenizers) != len(text_encoders):
             raise ValueError("PromptEncoder: need one tokenizer per text encoder")
-        self.tokenizers = list(tokenizers)
-        self.text_encoders = list(text_encoders)
+        # an SDXL refiner's folder has no first encoder (None in its slot): it reads prompt_2 alone
+        present = [(t, e) for t, e in zip(tokenizers, text_encoders) if e is not None]
+        if not present or any(t is None for t, _ in present):
+            raise ValueError("PromptEncoder: need at least one text encoder, each with its tokenizer")
+        self.tokenizers = [t for t, _ in present]
+        self.text_encoders = [e for _, e in present]
         self.sdxl = sdxl
         self.syntax = syntax
         self.truncate = bool(truncate)
