@@ -24,13 +24,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..images import image_size, to_tensor
 from ..sampling.control import Branch, Control, crop_views
-from ..text.encode import TextCond
+from ..text.encode import TextCond, check_text
 
 _ids = itertools.count()
 
@@ -48,6 +47,7 @@ class Region:
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt: expected a string, got {type(self.prompt).__name__}")
+        check_text(self.prompt, "Region.prompt")
         if self.mask is not None and self.box is not None:
             raise ValueError("mask, box: give a region one of them, not both")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight >= 0:
@@ -60,29 +60,9 @@ class Region:
 
 
 def _mask_tensor(mask, argument: str) -> torch.Tensor:
-    """PIL / numpy / tensor mask -> (N, 1, H, W) float; 8-bit values scaled to [0, 1]."""
-    if isinstance(mask, PIL.Image.Image):
-        mask = np.asarray(mask.convert("L"))
-    if isinstance(mask, np.ndarray):
-        scale = 255.0 if mask.dtype == np.uint8 else 1.0
-        mask = torch.from_numpy(mask.astype(np.float32) / scale)
-        if mask.ndim == 3:  # (H, W, C): channels last
-            mask = mask[..., :1].permute(2, 0, 1)
-        elif mask.ndim == 4:
-            mask = mask[..., :1].permute(0, 3, 1, 2)
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{argument}: expected a PIL image, numpy array or tensor, got {type(mask).__name__}")
-    mask = mask.float()
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim == 3:
-        mask = mask[None]
-    if mask.ndim != 4:
-        raise ValueError(f"{argument}: expected a 2-4 dimensional mask, got shape {tuple(mask.shape)}")
-    mask = mask[:, :1]
-    if mask.min() < 0 or mask.max() > 1:
-        raise ValueError(f"{argument}: values must lie in [0, 1] (white = region), got [{mask.min()}, {mask.max()}]")
-    return mask
+    """Any mask input (``controldiff.images`` conventions, values kept soft) -> (N, 1, H, W) in [0, 1]."""
+    height, width = image_size(mask, argument, "mask")
+    return to_tensor(mask, height, width, "L", argument, "mask")[:, :1]
 
 
 def region_mask(region: Region, height: int, width: int, argument: str) -> torch.Tensor:
