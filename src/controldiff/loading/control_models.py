@@ -42,6 +42,12 @@ def _read_config(folder: Path, class_names: tuple[str, ...], what: str, check) -
     return config
 
 
+def _named(model, path: PathLike):
+    """Record where the model came from (``model.source``): metadata names it by that."""
+    model.source = str(path)
+    return model
+
+
 def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: torch.dtype = torch.float32, config=None) -> ControlNetModel:
     """A ControlNet as our :class:`ControlNetModel`: a diffusers ``ControlNetModel`` folder
@@ -55,12 +61,12 @@ def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
     if Path(path).is_file():
         from .convert_controlnet import load_controlnet_file
 
-        return load_controlnet_file(path, device=device, dtype=dtype, config=config)
+        return _named(load_controlnet_file(path, device=device, dtype=dtype, config=config), path)
     if config is not None:
         raise ValueError(f"{path}: config= is for single-file ControlNets; a folder brings its own config.json")
     folder = _component_folder(path, "controlnet", "ControlNet")
     config = _read_config(folder, ("ControlNetModel",), "ControlNet", check_controlnet_config)
-    return load_model(lambda: ControlNetModel(config), find_weights(folder), device=device, dtype=dtype)
+    return _named(load_model(lambda: ControlNetModel(config), find_weights(folder), device=device, dtype=dtype), path)
 
 
 def load_t2i_adapter(path: PathLike, device: Union[str, torch.device] = "cpu",
@@ -68,4 +74,4 @@ def load_t2i_adapter(path: PathLike, device: Union[str, torch.device] = "cpu",
     """A diffusers ``T2IAdapter`` folder as our :class:`T2IAdapter`."""
     folder = _component_folder(path, "adapter", "T2I-Adapter")
     config = _read_config(folder, ("T2IAdapter",), "T2I-Adapter", check_t2i_adapter_config)
-    return load_model(lambda: T2IAdapter(config), find_weights(folder), device=device, dtype=dtype)
+    return _named(load_model(lambda: T2IAdapter(config), find_weights(folder), device=device, dtype=dtype), path)

@@ -133,7 +133,7 @@ def load_converted(build, sources: Mapping[str, ldm.Source], state: Mapping[str,
             value = value.to(dtype if dtype is not None else ref.dtype)
         loaded[name] = value
     model.load_state_dict(loaded, strict=True, assign=True)
-    leftover = _meta_tensors(model)
+    leftover = [n for n in _meta_tensors(model) if n not in loaded]  # loaded ones are meta when state is
     if leftover:  # non-persistent buffers (e.g. CLIP's position ids)
         _materialise_buffers(model, build, leftover)
     model.to(device)

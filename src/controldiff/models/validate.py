@@ -73,10 +73,8 @@ def _groups(cfg: Mapping, channels: list[int], where, key: str = "norm_num_group
         _fail(where, key, f"a divisor of every entry of block_out_channels {channels} (GroupNorm)", g)
 
 
-def _sample_size(cfg: Mapping, where, optional: bool) -> None:
+def _sample_size(cfg: Mapping, where) -> None:
     v = cfg.get("sample_size")
-    if optional and v is None:
-        return
     ok = (_is_int(v) and v > 0) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
     if not ok:
         _fail(where, "sample_size", "a positive integer or [height, width]", v)
@@ -125,7 +123,7 @@ def check_unet_config(config: Mapping[str, Any], where) -> None:
     _object(config, where)
     cfg = Config.with_defaults(unet.DEFAULTS, config)
     _positive(cfg, "out_channels", where)
-    _sample_size(cfg, where, optional=True)
+    _sample_size(cfg, where)  # the default image size: the pipeline needs it
     _encoder_common(cfg, where)
     _names(cfg, "up_block_types", where)
     _constructor_check(unet._check, cfg, where)
@@ -155,7 +153,7 @@ def check_vae_config(config: Mapping[str, Any], where) -> None:
     _names(cfg, "down_block_types", where)
     _names(cfg, "up_block_types", where)
     _groups(cfg, channels, where)
-    _sample_size(cfg, where, optional=False)
+    _sample_size(cfg, where)
     if not _is_number(cfg.scaling_factor) or cfg.scaling_factor <= 0:
         _fail(where, "scaling_factor", "a positive number", cfg.scaling_factor)
     if cfg.shift_factor is not None and not _is_number(cfg.shift_factor):
