@@ -6,8 +6,10 @@ was made and can reproduce it.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping, Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -46,6 +48,39 @@ def format_parameters(
     return "\n".join(lines)
 
 
+# sd-webui-controlnet's unit fields (scripts/infotext.py: "ControlNet N" entries of
+# "Field Name: value" pairs); A1111 fills its ControlNet panel from them.
+_CONTROLNET_FIELDS = (("scale", "Weight"), ("start", "Guidance Start"), ("end", "Guidance End"))
+
+
+def _unit_value(v: Any) -> str:
+    # inside a unit, "," and ":" separate fields and values; A1111 refuses units holding them
+    return re.sub(r"[,:]", "_", str(v))
+
+
+def control_fields(controls: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Infotext fields for the controls used, from their descriptions (``name`` and settings,
+    as ``Control.describe()`` gives). A ControlNet is written as sd-webui-controlnet writes
+    it, ``ControlNet 0: "Module: none, Model: canny, Weight: 0.8, Guidance Start: 0.0,
+    Guidance End: 1.0, Control Mode: Balanced"``, so A1111 restores it; every other control
+    as ``NAME N: {json of its settings}``, numbered per name."""
+    fields: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for d in controls:
+        d = dict(d)
+        name = str(d.pop("name", "Control"))
+        i = counts[name] = counts.get(name, -1) + 1
+        if name == "ControlNet":
+            model = d.get("model")
+            unit = {"Module": "none", "Model": Path(str(model)).stem if model else "unknown"}
+            unit.update({label: d[key] for key, label in _CONTROLNET_FIELDS if key in d})
+            unit["Control Mode"] = "ControlNet is more important" if d.get("guess_mode") else "Balanced"
+            fields[f"ControlNet {i}"] = ", ".join(f"{k}: {_unit_value(v)}" for k, v in unit.items())
+        else:
+            fields[f"{name} {i}"] = json.dumps(d, separators=(", ", ": "), default=str)
+    return fields
+
+
 def _value(v: Any) -> str:
     # A1111 quotes values that would break its comma-separated parser.
     s = str(v)
@@ -54,16 +89,30 @@ def _value(v: Any) -> str:
     return s
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """Save ``image`` as PNG with ``parameters`` in a tEXt chunk (iTXt if not Latin-1)."""
+def _pnginfo(parameters: str) -> PngImagePlugin.PngInfo:
+    # Text from file names may hold lone surrogates (undecodable bytes): never fail on them.
+    parameters = parameters.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     info = PngImagePlugin.PngInfo()
     try:
         parameters.encode("latin-1")
         info.add_text(KEY, parameters)
     except UnicodeEncodeError:
         info.add_itxt(KEY, parameters)
+    return info
+
+
+def write_png(image: Image.Image, file: BinaryIO, parameters: str) -> None:
+    """Encode ``image`` as PNG into an open binary file, ``parameters`` in a tEXt chunk (iTXt
+    if not Latin-1). :mod:`controldiff.outputs` decides where the file goes."""
+    image.save(file, format="PNG", pnginfo=_pnginfo(parameters))
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Save ``image`` as PNG with ``parameters`` at ``path`` (a plain write; the command line
+    goes through :mod:`controldiff.outputs` instead)."""
     path = Path(path)
-    image.save(path, format="PNG", pnginfo=info)
+    with open(path, "wb") as f:
+        write_png(image, f, parameters)
     return path
 
 
