@@ -61,15 +61,6 @@ def test_png_parameters_round_trip(tmp_path):
     assert read_parameters(tmp_path / "plain.png") is None
 
 
-def test_output_paths_are_numbered_and_never_overwrite(tmp_path):
-    (tmp_path / "00007-1.png").write_bytes(b"")
-    (tmp_path / "notes.txt").write_text("")
-    assert [p.name for p in cli.output_paths(tmp_path, [5, 6])] == ["00008-5.png", "00009-6.png"]
-    assert cli.output_paths(tmp_path / "x.png", [5]) == [tmp_path / "x.png"]
-    assert [p.name for p in cli.output_paths(tmp_path / "x", [5, 6])] == ["x-1.png", "x-2.png"]
-    assert cli.output_paths(f"{tmp_path}/new/", [3]) == [tmp_path / "new" / "00000-3.png"]
-
-
 # ----------------------------------------------------------------------------- demo model
 
 
@@ -125,7 +116,7 @@ def test_generate_with_demo_model_writes_png_with_parameters(home, tmp_path, cap
 
 def test_generate_random_seed_numbered_outputs(home, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, stdout, err = run(capsys, "generate", "-p", "x", *FAST, "--n", 2)
+    rc, stdout, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", 2)
     assert rc == 0, err
     seed = int(re.search(r"Seed: (\d+)", stdout).group(1))
     files = sorted((tmp_path / "outputs").iterdir())
@@ -170,7 +161,7 @@ def test_generate_ctrl_c_keeps_finished_images(home, tmp_path, capsys, monkeypat
         return pipeline.Output(images=[Image.new("RGB", (64, 64))], steps_done=2)
 
     monkeypatch.setattr(pipeline.Pipeline, "__call__", fake_call)
-    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--n", "3", "-o", tmp_path / "c.png")
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", "3", "-o", tmp_path / "c.png")
     assert rc == 130 and calls == [True, False]
     assert "cancelled after 1 step of image 2; 1 finished image kept" in err and "Traceback" not in err
     assert (tmp_path / "c-1.png").exists() and read_parameters(tmp_path / "c-1.png")
@@ -272,5 +263,230 @@ def test_generate_with_lora_embedding_and_controlnet(tiny_model, tmp_path, capsy
     assert cli.main(["generate", *args]) == 0
     text = read_parameters(out)
     assert 'Lora: "style:0.7"' in text and "TI: <toy>" in text and "Clip skip: 1" in text
-    assert cli.main(["generate", *args[:-2], "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    # the ControlNet as sd-webui-controlnet records a unit, so A1111 restores it
+    assert ('ControlNet 0: "Module: none, Model: cn, Weight: 0.5, Guidance Start: 0.0, Guidance End: 1.0, '
+            'Control Mode: Balanced"') in text
+    capsys.readouterr()
+    assert cli.main(["generate", *args[:-2], "--overwrite", "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "--lora" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the CLI loads a model: what is refused must be refused before."""
+    from controldiff import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", classmethod(never))
+
+
+def _fake_images(monkeypatch, on_call=None, settings=None):
+    """Replace sampling by a fake that returns one gray image per call (and records kwargs)."""
+    from controldiff import pipeline
+
+    calls = []
+
+    def fake(self, *args, callback=None, **kw):
+        calls.append(kw)
+        if on_call is not None:
+            result = on_call(len(calls), callback)
+            if result is not None:
+                return result
+        return pipeline.Output(images=[Image.new("RGB", (64, 64), (9 * len(calls), 0, 0))], steps_done=2,
+                               settings={"steps": 2, "guidance_scale": 7.5, "scheduler": "pndm", **(settings or {})})
+
+    monkeypatch.setattr(pipeline.Pipeline, "__call__", fake)
+    return calls
+
+
+def test_existing_output_is_refused_before_loading(home, tmp_path, capsys, no_model):
+    (tmp_path / "x.png").write_bytes(b"precious")
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "-o", tmp_path / "x.png")
+    assert rc == 2 and "--out" in err and "x.png exists" in err and "--overwrite" in err
+    (tmp_path / "multi-2.png").write_bytes(b"precious")
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", 3, "-o", tmp_path / "multi.png")
+    assert rc == 2 and "multi-2.png exists" in err
+    assert (tmp_path / "x.png").read_bytes() == b"precious" and (tmp_path / "multi-2.png").read_bytes() == b"precious"
+    assert not (tmp_path / "multi-1.png").exists()
+
+
+def test_overwrite_replaces(home, tmp_path, capsys, monkeypatch):
+    _fake_images(monkeypatch)
+    (tmp_path / "x.png").write_bytes(b"old")
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "-o", tmp_path / "x.png", "--overwrite")
+    assert rc == 0, err
+    assert read_parameters(tmp_path / "x.png").startswith("x\n")
+
+
+@pytest.mark.parametrize("where", ["parent is a file", "folder is a file"])
+def test_bad_output_location_is_refused_before_loading(home, tmp_path, capsys, no_model, where):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    out = blocker / "img.png" if where == "parent is a file" else f"{blocker}/"
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "-o", out)
+    assert rc == 2 and "--out" in err and str(blocker) in err and "Traceback" not in err
+
+
+def test_full_disk_is_one_line_and_keeps_finished_images(home, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from controldiff import png
+
+    _fake_images(monkeypatch)
+    real = png.write_png
+    written = []
+
+    def fill_up(image, f, text):
+        if written:  # the second image: part of it, then no space
+            f.write(b"\x89PNG" + b"\0" * 8000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(image, f, text))
+
+    monkeypatch.setattr(png, "write_png", fill_up)
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", 3, "--seed", 5)
+    assert rc == 1
+    assert err.strip().splitlines() == [
+        "controldiff: error: cannot save image 2 in outputs: No space left on device; 1 finished image kept"]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["00000-5.png"]  # no partial, no 0-byte
+    assert read_parameters(tmp_path / "outputs" / "00000-5.png")
+
+
+def test_sigterm_is_like_ctrl_c_in_process(home, tmp_path, capsys, monkeypatch):
+    def second_image_gets_sigterm(n, callback):
+        if n == 2:
+            signal.raise_signal(signal.SIGTERM)
+            assert callback(0, None, None) is False  # sampling stops after this step
+            from controldiff import pipeline
+
+            return pipeline.Output(images=[], steps_done=1, cancelled=True)
+        return None
+
+    _fake_images(monkeypatch, second_image_gets_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", 3, "-o", tmp_path / "t.png")
+    assert rc == 143
+    assert "SIGTERM: stopping after this step" in err
+    assert "cancelled after 1 step of image 2; 1 finished image kept" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["t-1.png"]
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+
+
+def test_signal_while_an_image_finishes_keeps_it(home, tmp_path, capsys, monkeypatch):
+    def signal_after_last_step(n, callback):
+        if n == 1:
+            signal.raise_signal(signal.SIGINT)  # arrives during decoding: the image is complete
+        return None
+
+    _fake_images(monkeypatch, signal_after_last_step)
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", 2, "-o", tmp_path / "s.png")
+    assert rc == 130 and "stopped after image 1; 1 finished image kept" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["s-1.png"]
+
+
+def test_sigterm_real_process_keeps_finished_images(home, tmp_path):
+    """A real CLI process gets SIGTERM while sampling its second image: it keeps the first,
+    says so, and exits 143 (128 + SIGTERM), leaving no partial file."""
+    import os
+    import subprocess
+    import sys
+
+    demo.default_model_path()  # built here, so the child only loads it
+    env = {**os.environ, "CONTROLDIFF_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "controldiff.cli", "generate", "-p", "x", "--steps", "150", "--width", "64",
+         "--height", "64", "--num-images", "3", "--seed", "1", "-o", str(tmp_path / "out") + "/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        for line in child.stdout:  # wait for the first saved image: the second is now sampling
+            if line.strip().endswith(".png"):
+                break
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143, err
+    assert "SIGTERM: stopping after this step" in err and "1 finished image kept" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-1.png"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_short_n_with_a_number_is_refused(home, capsys, no_model):
+    rc, _, err = run(capsys, "generate", "-p", "x", "-n", "3")
+    assert rc == 2 and "--num-images 3" in err and "negative prompt" in err
+    rc, _, err = run(capsys, "generate", "-p", "x", "--n", "3")  # no --n any more: ambiguous, not a guess
+    assert rc == 2 and "--num-images" in err and "--negative" in err
+    args = cli.build_parser().parse_args(["generate", "--negative", "3", "-n", "blurry 2"])
+    assert args.negative == "blurry 2"
+    assert cli.build_parser().parse_args(["generate", "--negative", "3"]).negative == "3"
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "nosuchdevice"])
+def test_unavailable_device_is_one_line_before_loading(home, capsys, no_model, device):
+    rc, _, err = run(capsys, "generate", "-p", "x", "--device", device)
+    assert rc == 2 and "--device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cuda_without_cuda_is_one_line(home, capsys, no_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = run(capsys, "generate", "-p", "x", "--device", "cuda")
+    assert rc == 2 and "--device: cuda is not available" in err and "Traceback" not in err
+
+
+def test_sizes_are_checked_before_loading(home, capsys, no_model):
+    rc, _, err = run(capsys, "generate", "-p", "x", "--width", 100)
+    assert rc == 2 and "--width: 100 is not a multiple of 8" in err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64 - 2), "--num-images", "3"], "--seed/--num-images"),
+    (["--guidance", "nan"], "--guidance"),
+    (["--cfg", "inf"], "--guidance"),
+    (["--image", "i.png", "--strength", "nan"], "--strength"),
+    (["--prompt", "caf\udce9"], "--prompt"),
+    (["--negative", "\udcff"], "--negative"),
+])
+def test_out_of_range_values_are_refused_before_loading(home, capsys, no_model, argv, names):
+    rc, _, err = run(capsys, "generate", *argv)
+    assert rc == 2 and names in err and "Traceback" not in err
+
+
+def test_non_utf8_prompt_names_the_byte(home, capsys, no_model):
+    rc, _, err = run(capsys, "generate", "-p", "caf\udce9")  # b"caf\xe9" (Latin-1) decoded by Python's argv
+    assert rc == 2 and "--prompt" in err and "UTF-8" in err and "0xe9" in err
+
+
+def test_seed_range_is_the_library_range(home, tmp_path, capsys, monkeypatch):
+    from controldiff.noise import SEED_LIMIT
+
+    _fake_images(monkeypatch)
+    top = SEED_LIMIT - 2
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--seed", top, "--num-images", 2, "-o", tmp_path / "s")
+    assert rc == 0, err
+    assert f"Seed: {top + 1}," in read_parameters(tmp_path / "s-2.png")  # a seed --seed accepts
+
+
+def test_png_records_the_values_the_pipeline_used(home, tmp_path, capsys, monkeypatch):
+    """No --steps/--cfg: the library picks its defaults, the PNG says what it used."""
+    calls = _fake_images(monkeypatch, settings={"steps": 33, "guidance_scale": 4.5, "scheduler": "euler",
+                                                 "controls": [{"name": "SAG", "scale": 0.75}]})
+    rc, _, err = run(capsys, "generate", "-p", "x", "--seed", 1, "-o", tmp_path / "d.png")
+    assert rc == 0, err
+    assert not {"num_inference_steps", "guidance_scale", "strength"} & set(calls[0])
+    text = read_parameters(tmp_path / "d.png")
+    assert "Steps: 33, Sampler: euler, CFG scale: 4.5, Seed: 1" in text
+    assert 'SAG 0: "{\\"scale\\": 0.75}"' in text

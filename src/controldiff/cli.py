@@ -1,29 +1,40 @@
 """The ``controldiff`` command line: ``generate`` images and show model ``info``.
 
-Library errors (ValueError, FileNotFoundError, ...) are shown as one line,
-``controldiff: error: <message>``, with exit status 2 like argparse's own errors:
-they are the user's input problems, and a traceback would bury the message.
+Exit status: 0 done; 2 bad input (arguments, files, configs), reported as one line
+``controldiff: error: <message>`` like argparse's own errors (a traceback would bury the
+message); 1 an image could not be written (a full disk), the images already written kept;
+130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: both stop after the current step and
+keep the finished images.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import secrets
 import signal
-import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROG = "controldiff"
-_EXIT_USAGE, _EXIT_INTERRUPTED = 2, 130
+_EXIT_FAILED, _EXIT_USAGE = 1, 2
+_EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report
 
 
 class UsageError(Exception):
     """A bad command-line value found after parsing (reported like argparse's errors)."""
+
+
+class _Aborted(Exception):
+    """A second Ctrl-C or SIGTERM: stop at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def scheduler_names() -> tuple[str, ...]:
@@ -45,14 +56,53 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _seed(text: str) -> int:
+def _finite_float(text: str) -> float:
     try:
-        v = int(text)
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):  # nan and inf parse as floats: refuse them here, not after sampling
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    from .noise import check_seed  # the library's seed range, [0, 2**64)
+
+    try:
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
-    return v
+    try:
+        return check_seed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("seed: ")) from None
+
+
+def _text(text: str) -> str:
+    """Command-line text the tokenizer and the PNG can hold. Python turns bytes of argv that
+    are not UTF-8 into lone surrogates; refuse them here, naming the argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"{text[e.start]!r}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({what} at character {e.start}); pass the text "
+                                         "in UTF-8 (check the terminal's or the script's encoding)") from None
+    return text
+
+
+class _NegativePrompt(argparse.Action):
+    """``-n``/``--negative``: the negative prompt. ``-n 3`` is refused: a bare number after the
+    short option is almost surely meant as the image count (``--num-images``), and would
+    otherwise silently become the negative prompt "3"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "-n" and re.fullmatch(r"\s*\d+\s*", values):
+            parser.error(f"argument -n/--negative: -n is the negative prompt, and {values!r} looks like an image "
+                         f"count: use --num-images {values.strip()} (or --negative {values.strip()} if the "
+                         "negative prompt really is that number)")
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,26 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
-                       description="Generate images. Without MODEL, uses the built-in demo model (random weights).")
+                       description="Generate images. Without MODEL, uses the built-in demo model (random weights). "
+                                   "Steps, guidance and strength default to the reference pipeline's values for "
+                                   "the model's family and task; the PNG records the values used.")
     g.add_argument("model", nargs="?", metavar="MODEL",
                    help="diffusers model folder or single-file checkpoint (default: the demo model)")
-    g.add_argument("--prompt", "-p", default="", help="what to draw")
-    g.add_argument("--negative", "-n", default=None, metavar="TEXT", help="negative prompt")
+    g.add_argument("--prompt", "-p", default="", type=_text, help="what to draw")
+    g.add_argument("--negative", "-n", default=None, type=_text, action=_NegativePrompt, metavar="TEXT",
+                   help="negative prompt")
     g.add_argument("--width", type=_positive_int, help="image width in pixels (default: the model's)")
     g.add_argument("--height", type=_positive_int, help="image height in pixels (default: the model's)")
-    g.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: 20)")
-    g.add_argument("--guidance", "--cfg", type=float, default=7.5, dest="guidance",
-                   help="classifier-free guidance scale; <= 1 disables it (default: 7.5)")
+    g.add_argument("--steps", type=_positive_int, help="sampling steps (default: the reference's, 50 for most)")
+    g.add_argument("--guidance", "--cfg", type=_finite_float, dest="guidance",
+                   help="classifier-free guidance scale; <= 1 disables it (default: 7.5, SDXL 5.0)")
     g.add_argument("--scheduler", choices=scheduler_names(), metavar="NAME",
                    help="one of: " + ", ".join(scheduler_names()) + " (default: the model folder's)")
-    g.add_argument("--seed", type=_seed, help="random seed (default: a random one, printed and saved in the PNG)")
-    g.add_argument("--num-images", "--n", type=_positive_int, default=1, dest="num_images", metavar="N",
+    g.add_argument("--seed", type=_seed, help="random seed in [0, 2**64) (default: a random one, printed and saved)")
+    g.add_argument("--num-images", type=_positive_int, default=1, dest="num_images", metavar="N",
                    help="number of images; image i uses seed + i (default: 1)")
     g.add_argument("--image", type=Path, metavar="PATH", help="init image (img2img, or inpainting with --mask)")
     g.add_argument("--mask", type=Path, metavar="PATH", help="inpainting mask, white = repaint (needs --image)")
-    g.add_argument("--strength", type=float, help="how much to change --image, in (0, 1] (default: 0.8, inpaint 1.0)")
+    g.add_argument("--strength", type=_finite_float,
+                   help="how much to change --image, in (0, 1] (default: the reference's, 0.8 img2img, 1.0 inpaint)")
     g.add_argument("--out", "-o", metavar="PATH",
                    help="output PNG, or a folder for numbered files (default: outputs/NNNNN-SEED.png)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing files named by --out")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA file (kohya or peft/diffusers), repeatable; weight default 1.0")
     g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
@@ -121,13 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         return _EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return _EXIT_INTERRUPTED
+        return _EXIT_SIGNAL[signal.SIGINT]
+    except _Aborted as e:
+        print(f"\n{PROG}: aborted ({e})", file=sys.stderr)
+        return _EXIT_SIGNAL[e.signum]
 
 
 # ----------------------------------------------------------------------------- generate
 
 
 def _device_and_dtype(device: str, dtype: str):
+    """The torch device, checked usable here (a one-line error, not torch's AssertionError
+    from deep inside the first allocation), and the dtype."""
     import torch
 
     if device == "auto":
@@ -136,6 +196,11 @@ def _device_and_dtype(device: str, dtype: str):
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"argument --device: not a torch device: {device!r}") from None
+    try:
+        torch.empty(0, device=dev)
+    except (AssertionError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"argument --device: {device} is not available here ({detail})") from None
     if dtype == "auto":
         dtype = "float16" if dev.type == "cuda" else "float32"
     return dev, getattr(torch, dtype)
@@ -154,6 +219,8 @@ def _model_path(model: str | None) -> tuple[Path, bool]:
 
 
 def _check_args(args) -> None:
+    from .noise import SEED_LIMIT
+
     if args.mask is not None and args.image is None:
         raise UsageError("argument --mask: inpainting also needs --image")
     if args.strength is not None:
@@ -164,9 +231,9 @@ def _check_args(args) -> None:
     for flag, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not path.is_file():
             raise UsageError(f"argument {flag}: file not found: {path}")
-    out = Path(args.out) if args.out is not None else None
-    if out is not None and out.suffix and out.suffix.lower() != ".png" and not out.is_dir():
-        raise UsageError(f"argument --out: only PNG output is supported, got {args.out}")
+    if args.seed is not None and args.seed + args.num_images > SEED_LIMIT:
+        raise UsageError(f"argument --seed/--num-images: image i uses seed + i, and {args.seed} + "
+                         f"{args.num_images - 1} is past the largest seed, 2**64 - 1; lower --seed or --num-images")
 
 
 def _check_size(args, factor: int) -> None:
@@ -176,69 +243,71 @@ def _check_size(args, factor: int) -> None:
                              f"try {max(factor, v - v % factor)}")
 
 
-def output_paths(out: str | Path | None, seeds: list[int]) -> list[Path]:
-    """Where the images go. A file path is used as given (``name-1.png``, ... for several);
-    a folder (default ``outputs/``) gets ``NNNNN-SEED.png``, numbered after the highest
-    number already there, so earlier images are never overwritten."""
-    as_folder = out is None or str(out).endswith(("/", "\\")) or Path(out).is_dir()
-    if not as_folder:
-        out = Path(out)
-        out = out if out.suffix else out.with_suffix(".png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if len(seeds) == 1:
-            return [out]
-        return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(seeds))]
-    folder = Path(out) if out is not None else Path("outputs")
-    folder.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d+)-", p.name))]
-    n = max(numbers, default=-1) + 1
-    paths = []
-    for seed in seeds:
-        while any(p.name.startswith(f"{n:05d}-") for p in paths) or list(folder.glob(f"{n:05d}-*")):
-            n += 1
-        paths.append(folder / f"{n:05d}-{seed}.png")
-        n += 1
-    return paths
+def _outputs(args):
+    from .outputs import plan
+
+    try:
+        return plan(args.out, args.num_images, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UsageError(f"argument {e}") from None
 
 
 class _Cancel:
-    """Ctrl-C stops sampling at the end of the current step (the callback returns False);
-    a second Ctrl-C aborts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM stops sampling at the end of the current step (the
+    callback returns False); the finished images are kept. A second signal aborts at once."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signal = None
+        self._old = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __call__(self, i, t, latents):
         return not self.requested
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{PROG}: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+            raise _Aborted(signum)
+        self.signal = signum
+        key = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{PROG}: {key}: stopping after this step (again to abort)", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in _EXIT_SIGNAL:
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def cmd_generate(args) -> int:
     import torch
 
+    from .loading.inspect import quick_summary  # configs and headers only: checks before the weights load
     from .pipeline import Pipeline
-    from .png import format_parameters, save_png
 
+    # Everything the command line can check is checked before the model loads.
     _check_args(args)
     image = _open_image(args.image, "--image", "RGB")
     mask = _open_image(args.mask, "--mask", "L")
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    outputs = _outputs(args)
     path, is_demo = _model_path(args.model)
+    summary = quick_summary(path)
+    if summary is not None:
+        _check_size(args, summary.info.latent_factor)
+    loras = [_split_suffix(v, "--lora", float) for v in args.lora]
+    embeddings = [_split_suffix(v, "--embedding", _text) for v in args.embedding]
+    controlnets = [_controlnet_arg(v) for v in args.controlnet]
+    for flag, specs in (("--lora", loras), ("--embedding", embeddings)):
+        for p, _ in specs:
+            if not p.exists():
+                raise UsageError(f"argument {flag}: file not found: {p}")
     if is_demo:
         from .demo import DEMO_NOTICE
 
@@ -249,52 +318,93 @@ def cmd_generate(args) -> int:
     print(f"Loaded {path} ({pipe.info.family}, {pipe.info.kind}) in {time.perf_counter() - t0:.1f} s")
     _check_size(args, pipe.info.latent_factor)
     pipe.prompt_syntax = args.prompt_syntax
-    extra_params = _load_extras(pipe, args)
-    controls = _controls(args, device, dtype)
+    extra_params = _load_extras(pipe, args, loras, embeddings)
+    controls = [_build_controlnet(arg, device, dtype) for arg in controlnets]
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(args.num_images)]
     if args.seed is None:
         print(f"Seed: {seed}")
-    sampler = args.scheduler or _folder_scheduler_name(pipe.scheduler_config)
-    extra = {}
-    if image is not None:
-        extra["Denoising strength"] = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
-        extra["Mode"] = "inpaint" if mask is not None else "img2img"
-    extra.update(extra_params)
-    extra["Version"] = f"controldiff {_version()}"
     model_name = "demo (random weights)" if is_demo else path.resolve().name
-    paths = output_paths(args.out, seeds)
+    # Only what the user gave is passed: the rest takes the library's per-family defaults,
+    # and the PNG records the values out.settings says were used.
+    given = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
+                               ("strength", args.strength)) if v is not None}
 
-    # One image at a time, each saved as soon as it is done: Ctrl-C loses only the image in
+    # One image at a time, each saved as soon as it is done: a signal loses only the image in
     # progress. Each has its own CPU generator, so image i is remade alone with --seed SEED+i.
     cancel = _Cancel()
     t1 = time.perf_counter()
-    saved = 0
+    saved, steps_run = [], 0
     with cancel:
-        for s, p in zip(seeds, paths):
+        for i, s in enumerate(seeds):
             out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                       generator=torch.Generator("cpu").manual_seed(s), image=image, strength=args.strength,
+                       scheduler=args.scheduler, generator=torch.Generator("cpu").manual_seed(s), image=image,
                        mask_image=mask, output_type="pil", callback=cancel, controls=controls,
-                       clip_skip=args.clip_skip)
-            if out.cancelled or cancel.requested:
+                       clip_skip=args.clip_skip, **given)
+            if out.cancelled:
                 done = out.steps_done
-                print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {saved + 1}; "
-                      f"{saved} finished image{'s' * (saved != 1)} kept", file=sys.stderr)
-                return _EXIT_INTERRUPTED
-            img = out.images[0]
-            text = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, s,
-                                     img.width, img.height, model_name, extra)
-            save_png(img, p, text)
-            saved += 1
-            print(p)
+                print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {i + 1}; "
+                      f"{_kept(saved)}", file=sys.stderr)
+                return _EXIT_SIGNAL[cancel.signal or signal.SIGINT]
+            steps_run += out.steps_done
+            text = _parameters(args, out.settings, out.images[0], s, model_name, extra_params, controls, controlnets)
+            try:
+                p = outputs.save(i, s, lambda f: _write_png(out.images[0], f, text))
+            except OSError as e:
+                where = e.filename or outputs.folder
+                print(f"{PROG}: error: cannot save image {i + 1} in {where}: {e.strerror or e}; {_kept(saved)}",
+                      file=sys.stderr)
+                return _EXIT_FAILED
+            saved.append(p)
+            print(p, flush=True)  # a script reading our output sees each image as it is saved
+            if cancel.requested:  # the signal came while this image was finishing: it is kept
+                print(f"{PROG}: stopped after image {i + 1}; {_kept(saved)}", file=sys.stderr)
+                return _EXIT_SIGNAL[cancel.signal]
     elapsed = time.perf_counter() - t1
-    print(f"Generated {saved} image{'s' * (saved != 1)} in {elapsed:.1f} s "
-          f"({elapsed / (args.steps * saved):.2f} s/step)")
+    print(f"Generated {len(saved)} image{'s' * (len(saved) != 1)} in {elapsed:.1f} s "
+          f"({elapsed / max(steps_run, 1):.2f} s/step)")
     return 0
 
 
+def _kept(saved: list) -> str:
+    n = len(saved)
+    return f"{n} finished image{'s' * (n != 1)} kept"
+
+
+def _write_png(image, f, text: str) -> None:
+    from .png import write_png
+
+    write_png(image, f, text)
+
+
+def _parameters(args, settings: dict, img, seed: int, model_name: str, extra_params: dict, controls,
+                controlnets) -> str:
+    """The PNG's A1111-style text: the values the pipeline says it used (``out.settings``)."""
+    from .png import control_fields, format_parameters
+
+    extra = {}
+    if args.image is not None:
+        extra["Denoising strength"] = settings.get("strength")
+        extra["Mode"] = "inpaint" if args.mask is not None else "img2img"
+    extra.update(extra_params)
+    extra.update(control_fields(_describe_controls(settings.get("controls", controls), controlnets)))
+    extra["Version"] = f"controldiff {_version()}"
+    return format_parameters(args.prompt, args.negative, settings.get("steps"), settings.get("scheduler"),
+                             settings.get("guidance_scale"), seed, img.width, img.height, model_name, extra)
+
+
+def _describe_controls(used: list, controlnets) -> list[dict]:
+    """Descriptions of the controls used (``out.settings["controls"]``: dicts, or controls
+    with ``describe()``); a ControlNet is named by the file or folder given on the command line."""
+    out, k = [], 0
+    for c in used:
+        d = dict(c) if isinstance(c, dict) else dict(getattr(c, "describe", lambda: {"name": type(c).__name__})())
+        if d.get("name") == "ControlNet" and k < len(controlnets):
+            d["model"] = controlnets[k].path.name
+            k += 1
+        out.append(d)
+    return out
 def _split_suffix(value: str, flag: str, convert):
     """"PATH:SUFFIX" -> (Path, converted suffix or None); a path may itself contain ':'."""
     path, sep, tail = value.rpartition(":")
@@ -306,23 +416,17 @@ def _split_suffix(value: str, flag: str, convert):
     return Path(value), None
 
 
-def _load_extras(pipe, args) -> dict:
-    """LoRAs and embeddings from the command line; what the PNG should record of them."""
-    loras, tokens = [], []
-    for value in args.lora:
-        path, weight = _split_suffix(value, "--lora", float)
-        if not path.exists():
-            raise UsageError(f"argument --lora: file not found: {path}")
-        name = pipe.load_lora(path, weight=1.0 if weight is None else weight)
-        loras.append(f"{name}:{1.0 if weight is None else weight:g}")
-    for value in args.embedding:
-        path, token = _split_suffix(value, "--embedding", str)
-        if not path.exists():
-            raise UsageError(f"argument --embedding: file not found: {path}")
+def _load_extras(pipe, args, loras, embeddings) -> dict:
+    """LoRAs and embeddings (already checked to exist); what the PNG should record of them."""
+    names, tokens = [], []
+    for path, weight in loras:
+        weight = 1.0 if weight is None else weight
+        names.append(f"{pipe.load_lora(path, weight=weight)}:{weight:g}")
+    for path, token in embeddings:
         tokens += pipe.load_textual_inversion(path, token=token)
     params = {}
-    if loras:
-        params["Lora"] = " ".join(loras)
+    if names:
+        params["Lora"] = " ".join(names)
     if tokens:
         params["TI"] = " ".join(tokens)
     if args.prompt_syntax != "a1111":
@@ -332,50 +436,47 @@ def _load_extras(pipe, args) -> dict:
     return params
 
 
-def _controls(args, device, dtype) -> list:
-    """ControlNets from --controlnet PATH:IMAGE[:SCALE]."""
+@dataclass(frozen=True)
+class _ControlNetArg:
+    """One ``--controlnet PATH:IMAGE[:SCALE]``, checked (and its image read) before loading."""
+
+    path: Path
+    image: Any
+    scale: float
+
+
+def _controlnet_arg(value: str) -> _ControlNetArg:
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise UsageError(f"argument --controlnet: expected PATH:IMAGE[:SCALE], got {value!r}")
+    scale = 1.0
+    if len(parts) == 3:
+        try:
+            scale = _finite_float(parts[2])
+        except argparse.ArgumentTypeError:
+            raise UsageError(f"argument --controlnet: scale {parts[2]!r} is not a finite number") from None
+        if scale < 0:
+            raise UsageError(f"argument --controlnet: scale {parts[2]!r} is negative")
+    model_path, image_path = Path(parts[0]), Path(parts[1])
+    for what, p in (("model", model_path), ("image", image_path)):
+        if not p.exists():
+            raise UsageError(f"argument --controlnet: {what} not found: {p}")
+    return _ControlNetArg(model_path, _open_image(image_path, "--controlnet", "RGB"), scale)
+
+
+def _build_controlnet(arg: _ControlNetArg, device, dtype):
     from .controls.controlnet import ControlNet
     from .loading.control_models import load_controlnet
 
-    out = []
-    for value in args.controlnet:
-        parts = value.split(":")
-        if len(parts) not in (2, 3):
-            raise UsageError(f"argument --controlnet: expected PATH:IMAGE[:SCALE], got {value!r}")
-        scale = 1.0
-        if len(parts) == 3:
-            try:
-                scale = float(parts[2])
-            except ValueError:
-                raise UsageError(f"argument --controlnet: scale {parts[2]!r} is not a number") from None
-        model_path, image_path = Path(parts[0]), Path(parts[1])
-        for what, p in (("model", model_path), ("image", image_path)):
-            if not p.exists():
-                raise UsageError(f"argument --controlnet: {what} not found: {p}")
-        model = load_controlnet(model_path, device=device, dtype=dtype)
-        out.append(ControlNet(model, _open_image(image_path, "--controlnet", "RGB"), scale=scale))
-    return out
+    return ControlNet(load_controlnet(arg.path, device=device, dtype=dtype), arg.image, scale=arg.scale)
 
 
 def _open_image(path: Path | None, flag: str, mode: str):
-    from PIL import Image
+    """The image at ``path`` in ``mode`` (EXIF orientation applied), or None; unreadable
+    files are a ValueError naming ``flag`` (:func:`controldiff.images.load_image`)."""
+    from .images import load_image
 
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as im:
-            return im.convert(mode)
-    except OSError as e:  # includes PIL's UnidentifiedImageError
-        raise UsageError(f"argument {flag}: cannot read {path} as an image ({e})") from None
-
-
-def _folder_scheduler_name(config: dict) -> str:
-    """Our name for the model folder's own scheduler (what the PNG's "Sampler" says)."""
-    from .schedulers import CLASS_NAMES
-
-    cls = config.get("_class_name", "?")
-    name = CLASS_NAMES.get(cls, cls)
-    return name + "_karras" if name == "dpmpp_2m" and config.get("use_karras_sigmas") else name
+    return None if path is None else load_image(path, flag).convert(mode)
 
 
 def _version() -> str:
@@ -389,115 +490,17 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------- info
 
-_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                 "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
-def weights_summary(files: list[Path]) -> tuple[int, str]:
-    """(parameter count, stored dtype(s)) of a component's weight files.
-
-    Safetensors: from the headers alone, so even an SDXL folder is summarised in
-    milliseconds; pickles are loaded safely. Integer tensors (position ids) are not parameters.
-    """
-    count, dtypes = 0, set()
-    for f in files:
-        if f.suffix == ".safetensors":
-            for entry in _safetensors_header(f).values():
-                if entry["dtype"] in _FLOAT_DTYPES:
-                    count += math.prod(entry["shape"])
-                    dtypes.add(_FLOAT_DTYPES[entry["dtype"]])
-        else:
-            from .loading.weights import load_state_dict
-
-            for t in load_state_dict(f).values():
-                if t.is_floating_point():
-                    count += t.numel()
-                    dtypes.add(str(t.dtype).removeprefix("torch."))
-    return count, "/".join(sorted(dtypes))
-
-
-def _human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _info_single_file(path: Path) -> int:
-    """info for a single-file checkpoint: loaded on the meta device, counted, nothing computed."""
-    from .pipeline import Pipeline
-
-    pipe = Pipeline.from_single_file(path)
-    info = pipe.info
-    h, w = pipe.default_size
-    rows = [("model", str(path)), ("family", info.family + (" (refiner)" if info.refiner else "")),
-            ("kind", f"{info.kind} (unet in_channels={info.in_channels})"),
-            ("prediction type", info.prediction_type), ("default size", f"{w}x{h}"),
-            ("latent factor", str(info.latent_factor)), ("scheduler", pipe.scheduler_config.get("_class_name", "?"))]
-    total = 0
-    parts = [("unet", pipe.unet), ("vae", pipe.vae)] + [(f"text_encoder{'_2' * i}", te)
-                                                          for i, te in enumerate(pipe.text_encoders) if te is not None]
-    for name, module in parts:
-        count = sum(p.numel() for p in module.parameters())
-        total += count
-        rows.append((f"{name} parameters", f"{count:,} ({_human(count)}, {next(module.parameters()).dtype})"))
-    rows.append(("total parameters", f"{total:,} ({_human(total)})"))
-    return _print_rows(rows)
-
 
 def cmd_info(args) -> int:
-    from .loading.folder import TEXT_ENCODER_SLOTS, _slot_present, _text_config
-    from .loading.family import detect_family
-    from .loading.weights import find_weights
-    from .models.config import read_json
+    """Print what the model holds (:mod:`controldiff.loading.inspect`)."""
+    from .loading.inspect import rows, summarize
 
     root = Path(args.model).expanduser()
     if not root.exists():
         raise UsageError(f"argument MODEL: model folder or file not found: {root}")
-    if not root.is_dir():
-        return _info_single_file(root)
-    index = read_json(root / "model_index.json")
-    unet_cfg = read_json(root / "unet" / "config.json")
-    vae_cfg = read_json(root / "vae" / "config.json")
-    sched_cfg = read_json(root / "scheduler" / "scheduler_config.json")
-    slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, index, s)]
-    n = 2 if "text_encoder_2" in slots else 1
-    te_cfgs = [_text_config(root / s / "config.json")[0] if s in slots else None for s in TEXT_ENCODER_SLOTS[:n]]
-    info = detect_family(unet_cfg, te_cfgs, sched_cfg, vae_cfg)
-
-    size = unet_cfg.get("sample_size", 64)
-    h, w = (size, size) if isinstance(size, int) else size
-    rows = [
-        ("model", str(root)),
-        ("family", info.family + (" (refiner)" if info.refiner else "")),
-        ("kind", f"{info.kind} (unet in_channels={info.in_channels})"),
-        ("prediction type", info.prediction_type),
-        ("default size", f"{w * info.latent_factor}x{h * info.latent_factor}"),
-        ("latent factor", str(info.latent_factor)),
-        ("scheduler", sched_cfg.get("_class_name", "?")),
-    ]
-    comps = [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")]
-    comps += [(s, "model") for s in slots]
-    total = 0
-    for name, stem in comps:
-        count, dtypes = weights_summary(find_weights(root / name, stem))
-        total += count
-        rows.append((f"{name} parameters", f"{count:,} ({_human(count)}, {dtypes})"))
-    rows.append(("total parameters", f"{total:,} ({_human(total)})"))
-    return _print_rows(rows)
-
-
-def _print_rows(rows) -> int:
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
+    lines = rows(summarize(root))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
 
