@@ -144,17 +144,17 @@ def as_batch(image, argument: str = "image", kind: str = "image") -> Union[list,
     if not items:
         raise ValueError(f"{argument}: got an empty list of images")
     items = [load_image(i, argument) for i in items]
-    first = type(items[0])
-    if not all(isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)) for i in items):
-        bad = next(i for i in items if not isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)))
-        raise ValueError(f"{argument}: expected a PIL image, numpy array, torch tensor or path, got {type(bad).__name__}")
-    if isinstance(items[0], PIL.Image.Image):
-        if not all(isinstance(i, PIL.Image.Image) for i in items):
-            raise ValueError(f"{argument}: a list of images must hold one kind (all PIL, all arrays or all tensors)")
-        return items
-    if not all(isinstance(i, first) for i in items):
+    forms = (PIL.Image.Image, np.ndarray, torch.Tensor)
+    form = next((f for f in forms if isinstance(items[0], f)), None)
+    bad = next((i for i in items if not isinstance(i, forms)), None)
+    if form is None or bad is not None:
+        found = type(items[0] if form is None else bad).__name__
+        raise ValueError(f"{argument}: expected a PIL image, numpy array, torch tensor or path, got {found}")
+    if not all(isinstance(i, form) for i in items):
         raise ValueError(f"{argument}: a list of images must hold one kind (all PIL, all arrays or all tensors)")
-    convert = _from_numpy if isinstance(items[0], np.ndarray) else _from_tensor
+    if form is PIL.Image.Image:
+        return items
+    convert = _from_numpy if form is np.ndarray else _from_tensor
     parts = [convert(i, argument, kind) for i in items]
     if len({tuple(p.shape[1:]) for p in parts}) > 1:
         raise ValueError(f"{argument}: the images of a list differ in size or channels: "
