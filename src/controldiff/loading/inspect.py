@@ -80,7 +80,8 @@ def _folder(root: Path, weights: bool) -> Summary:
                 [(s, "model") for s in slots]:
             tensors = [t for f in find_weights(root / name, stem) for t in _state(f).values()]
             components.append((name, *_count(tensors)))
-    return Summary(root, info, _pixels(unet_cfg["sample_size"], info.latent_factor), sched_cfg.get("_class_name", "?"), components)
+    return Summary(root, info, _pixels(unet_cfg["sample_size"], info.latent_factor),
+                   sched_cfg.get("_class_name", "?"), components)
 
 
 def _single_file(path: Path, weights: bool) -> Summary:
