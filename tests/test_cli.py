@@ -459,6 +459,7 @@ def test_sizes_are_checked_before_loading(home, capsys, no_model):
     (["--image", "i.png", "--strength", "nan"], "--strength"),
     (["--prompt", "caf\udce9"], "--prompt"),
     (["--negative", "\udcff"], "--negative"),
+    (["--embedding", "e.pt:tok\udcff"], "--embedding"),
 ])
 def test_out_of_range_values_are_refused_before_loading(home, capsys, no_model, argv, names):
     rc, _, err = run(capsys, "generate", *argv)

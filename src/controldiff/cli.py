@@ -411,8 +411,8 @@ def _split_suffix(value: str, flag: str, convert):
     if sep and path and not Path(value).exists():
         try:
             return Path(path), convert(tail)
-        except ValueError:
-            raise UsageError(f"argument {flag}: cannot read {tail!r} in {value!r}") from None
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"argument {flag}: cannot read {tail!r} in {value!r} ({e})") from None
     return Path(value), None
 
 
