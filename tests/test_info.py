@@ -144,7 +144,7 @@ def single(tmp_path_factory) -> Path:
     groups, 64-wide heads), so it loads without config=, as `info` and the CLI read it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from test_single_file import to_original
+    from original_layout import to_original
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from controldiff import tiny
