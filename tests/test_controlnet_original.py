@@ -23,7 +23,7 @@ from controldiff.loading.single_file import CONFIGS_DIR
 from controldiff.models.config import Config
 from controldiff.models.controlnet import DEFAULTS, ControlNetModel
 
-from test_single_file import _unet_key  # the UNet part of the independent inverse converter
+from original_layout import unet_key  # the UNet part of the independent inverse converter
 
 import diffusers  # the oracle
 
@@ -42,7 +42,7 @@ def original_key(k: str, cfg: dict) -> str:
         return f"zero_convs.{p[1]}.0.{p[2]}"
     if p[0] == "controlnet_mid_block":
         return f"middle_block_out.0.{p[1]}"
-    return _unet_key(k, cfg)
+    return unet_key(k, cfg)
 
 
 def to_original(folder: Path, prefix: str = "control_model.") -> dict:
