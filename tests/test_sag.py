@@ -106,7 +106,9 @@ def test_composes_with_pag_on_the_same_site_in_any_order(sd1):
     a = mine("a cat", generator=gen(3), controls=[SAG(1.0), PAG(2.0)], **kw).images
     b = mine("a cat", generator=gen(3), controls=[PAG(2.0), SAG(1.0)], **kw).images
     pag_only = mine("a cat", generator=gen(3), controls=[PAG(2.0)], **kw).images
-    assert np.abs(a - b).max() <= 1e-6
+    # the site's wrapped processors run in the other order: the same math, summed in another
+    # order by float32 (1e-6 seen on one thread), far below SAG's own effect
+    assert np.abs(a - b).max() <= 1e-5
     assert np.abs(a - pag_only).max() > 1e-3
 
 

@@ -55,6 +55,10 @@ def _text_encoder(folder: Path, cfg: dict, with_projection: bool) -> None:
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     cfg["architectures"] = [cls.__name__]
     model = perturb_norms(cls(CLIPTextConfig.from_dict(cfg)).eval())
+    with torch.no_grad():  # the hidden states before the final norm (SDXL's penultimate ones) get a
+        for name, p in model.named_parameters():  # mean away from 0 too, as in real CLIP models
+            if name.endswith("position_embedding.weight"):
+                p.add_(0.3)
     model.save_pretrained(folder)
 
 
