@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model folders, built once per session and cached by arguments."""
+"""Shared fixtures: tiny model folders (built once per session, cached by arguments), an SD1
+pipeline per module, and a guard that no work starts before the arguments are checked."""
 from __future__ import annotations
 
 import os
@@ -36,3 +37,27 @@ def tiny_model(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    """A tiny SD1 pipeline without progress bars, one per test module (modules may override)."""
+    import controldiff as cd
+
+    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
+    p.progress = False
+    return p
+
+
+@pytest.fixture
+def no_work(pipe, monkeypatch):
+    """Any model evaluation or latent allocation fails the test: arguments are checked first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(pipe.unet, "forward", forbidden)
+    monkeypatch.setattr(pipe.vae, "decode", forbidden)
+    monkeypatch.setattr(pipe.vae, "encode", forbidden)
+    for encoder in pipe.text_encoders:
+        monkeypatch.setattr(encoder, "forward", forbidden)
+    monkeypatch.setattr("controldiff.pipeline.randn_tensor", forbidden)

@@ -13,13 +13,6 @@ import controldiff as cd
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model):
-    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
-    p.progress = False
-    return p
-
-
-@pytest.fixture(scope="module")
 def controlnet(tiny_model, tmp_path_factory):
     import diffusers
 

@@ -15,33 +15,12 @@ from controldiff import images, memory
 import diffusers
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
-    p.progress = False
-    return p
-
-
 def run(pipe, **kw):
     kw.setdefault("num_inference_steps", 2)
     kw.setdefault("seed", 0)
     kw.setdefault("output_type", "np")
     kw.setdefault("scheduler", "euler")
     return pipe(kw.pop("prompt", "a cat"), **kw)
-
-
-@pytest.fixture
-def no_work(pipe, monkeypatch):
-    """Any model evaluation or latent allocation fails the test."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the arguments were checked")
-
-    monkeypatch.setattr(pipe.unet, "forward", forbidden)
-    monkeypatch.setattr(pipe.vae, "decode", forbidden)
-    monkeypatch.setattr(pipe.vae, "encode", forbidden)
-    for encoder in pipe.text_encoders:
-        monkeypatch.setattr(encoder, "forward", forbidden)
-    monkeypatch.setattr("controldiff.pipeline.randn_tensor", forbidden)
 
 
 def picture(h, w, seed=0):

@@ -13,13 +13,6 @@ import controldiff as cd
 from controldiff.images import preprocess_image
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
-    p.progress = False
-    return p
-
-
 def run(pipe, **kw):
     kw.setdefault("num_inference_steps", 2)
     kw.setdefault("seed", 0)

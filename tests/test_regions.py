@@ -15,13 +15,6 @@ from controldiff.controls.regions import Region, Regions
 G = 7.5
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
-    p.progress = False
-    return p
-
-
 def run(pipe, regions=None, steps=1, scheduler="ddim", output_type="latent", seed=1, width=64, extra=(), **kw):
     controls = ([Regions(regions)] if regions is not None else []) + list(extra)
     return pipe("a field", num_inference_steps=steps, guidance_scale=G, scheduler=scheduler, seed=seed,
