@@ -26,6 +26,7 @@ from controldiff.models.controlnet import DEFAULTS, ControlNetModel
 from original_layout import unet_key  # the UNet part of the independent inverse converter
 
 import diffusers  # the oracle
+from hostile import Evil
 
 COND_CHANNELS = (8, 8, 16, 16)  # -> input_hint_block.{0, 2, ..., 12, 14}, like the real (16, 16, 32, 32, 96, 96, 256)
 
@@ -160,19 +161,11 @@ def test_bundled_defaults_and_errors_name_the_file(controlnets, tmp_path):
         cd.load_controlnet(folder / "unet", config=folder)
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "pwned"))
-
-
 def test_malicious_pth_is_refused(tmp_path):
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"control_model.input_hint_block.0.weight": _Evil(str(marker))}, f)
+        pickle.dump({"control_model.input_hint_block.0.weight": Evil(str(marker))}, f)
     with pytest.raises(ValueError, match=r"evil\.pth.*refused"):
         cd.load_controlnet(path)
     assert not marker.exists()

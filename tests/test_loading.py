@@ -24,6 +24,7 @@ from controldiff.loading import (
     load_state_dict,
     load_text_encoder,
 )
+from hostile import Evil
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -48,16 +49,6 @@ class WithBuffers(nn.Module):
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-
-
-class Evil:
-    """Unpickling this would create a marker file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
 
 
 # ----------------------------------------------------------------------------- load_state_dict

@@ -22,6 +22,7 @@ from controldiff.loading.single_file import detect_checkpoint
 from controldiff.loading import convert_ldm
 
 from original_layout import to_original, unet_key, vae_item
+from hostile import Evil
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +164,11 @@ def test_family_detection_from_names(single_file):
 
 # ----------------------------------------------------------------------------- errors and safety
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "pwned"))
-
-
 def test_malicious_ckpt_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
-        pickle.dump({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": _Evil(str(marker))}}, f)
+        pickle.dump({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": Evil(str(marker))}}, f)
     with pytest.raises(ValueError, match="evil.ckpt"):
         cd.Pipeline.from_single_file(path)
     assert not marker.exists()

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import controldiff as cd
+from hostile import Evil
 
 TOL = 1e-4
 KW = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
@@ -138,10 +139,11 @@ def test_errors(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="not a loaded"):
         pipe.unload_textual_inversion("<nope>")
     # untrusted pickles are refused, never unpickled
-    evil = tmp_path / "evil.pt"
-    torch.save({"string_to_param": {"*": vectors(1)}, "obj": Exception("code could run here")}, str(evil))
+    evil, marker = tmp_path / "evil.pt", tmp_path / "marker"
+    torch.save({"string_to_param": {"*": vectors(1)}, "obj": Evil(str(marker))}, str(evil))
     with pytest.raises(ValueError, match="evil.pt"):
         pipe.load_textual_inversion(evil)
+    assert not marker.exists()
     sdxl = ours(tiny_model("sdxl"))
     with pytest.raises(ValueError, match="SD1/SD2 embedding"):
         sdxl.load_textual_inversion(diffusers_file(tmp_path, "<y>", vectors(1)))
