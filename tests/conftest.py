@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from pipes import ours
 from tiny_models import build_folder
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -42,11 +43,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     """A tiny SD1 pipeline without progress bars, one per test module (modules may override)."""
-    import controldiff as cd
-
-    p = cd.Pipeline.from_pretrained(tiny_model("sd1"))
-    p.progress = False
-    return p
+    return ours(tiny_model("sd1"))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import controldiff as cd
+from pipes import ours as _pipe
 
 
 def _control_image(size, seed=0):
@@ -44,12 +45,6 @@ def tiny_controls(tmp_path_factory, tiny_model):
         ad.save_pretrained(ad_dir)
         out[family] = (cd.load_controlnet(cn_dir), cd.load_t2i_adapter(ad_dir))
     return out
-
-
-def _pipe(path):
-    p = cd.Pipeline.from_pretrained(path)
-    p.progress = False
-    return p
 
 
 def _all_controls(family, models, size):

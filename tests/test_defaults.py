@@ -19,6 +19,7 @@ from controldiff import defaults
 from controldiff.controls.depth import Depth
 
 import diffusers
+from pipes import ours, reference
 
 TOL = 1e-4
 CHECKED = ("num_inference_steps", "guidance_scale", "strength", "eta", "aesthetic_score", "negative_aesthetic_score")
@@ -36,21 +37,6 @@ def mask(h, w):
     m = np.zeros((h, w), np.uint8)
     m[h // 4: 3 * h // 4, w // 3:] = 255
     return PIL.Image.fromarray(m)
-
-
-def reference(cls_name, path, **kw):
-    cls = getattr(diffusers, cls_name)
-    if "XL" not in cls_name:
-        kw.update(safety_checker=None, requires_safety_checker=False)
-    pipe = cls.from_pretrained(path, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def ours(path):
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
 
 
 def assert_close(a, b, what):

@@ -13,6 +13,7 @@ from controldiff.controls.multidiffusion import MultiDiffusion
 from controldiff.schedulers import DIFFUSERS_EQUIVALENT
 
 import diffusers
+from pipes import ours
 
 TOL = 1e-4
 
@@ -37,9 +38,7 @@ def path(tiny_model):
 
 @pytest.fixture(scope="module")
 def mine(path):
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
+    return ours(path)
 
 
 @pytest.fixture(scope="module")

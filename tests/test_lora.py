@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import controldiff as cd
+import pipes
+from pipes import ours
 
 TOL = 1e-4
 KW = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
@@ -23,22 +24,8 @@ def gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def ours(path):
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
-
-
 def reference(path, family):
-    import diffusers
-
-    if family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
-    else:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
-                                                                requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipes.reference("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline", path)
 
 
 def make_lora(model, family, out_dir, seed=0, rank=4, text=True, alpha=None):

@@ -5,24 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-import controldiff as cd
 from controldiff.controls.pag import PAG, match_layers
 from controldiff.controls.sag import SAG
 from controldiff.controls.sega import SEGA, Concept
 
 import diffusers  # the oracle
+from pipes import ours
 
 TOL = 1e-4
 
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def ours(path) -> cd.Pipeline:
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
 
 
 def reference(cls, path, **kw):

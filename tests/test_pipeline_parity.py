@@ -10,29 +10,21 @@ import PIL.Image
 import pytest
 import torch
 
-import controldiff as cd
 from controldiff.schedulers import DIFFUSERS_EQUIVALENT
 
 import diffusers  # the oracle: part of the test extra
+import pipes
+from pipes import ours
 
 SCHEDULER_CLASSES = DIFFUSERS_EQUIVALENT
 TOL = 1e-4
 
 
 def reference(cls_name: str, path, scheduler: str | None):
-    cls = getattr(diffusers, cls_name)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls_name else {}
-    pipe = cls.from_pretrained(path, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipes.reference(cls_name, path)
     if scheduler is not None:
         name, extra = SCHEDULER_CLASSES[scheduler]
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
-    return pipe
-
-
-def ours(path) -> cd.Pipeline:
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
     return pipe
 
 

@@ -14,19 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import controldiff as cd
 from controldiff.text.chunks import build_chunks
 from controldiff.text.encode import TextCond
 from controldiff.text.weighting import BREAK, Blend, Fragment, parse_a1111, parse_compel
+from pipes import ours
 
 EMB_TOL = 1e-5
 IMG_TOL = 1e-4
-
-
-def ours(path) -> cd.Pipeline:
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
 
 
 def maxdiff(a, b) -> float:

@@ -5,22 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import controldiff as cd
 from controldiff.controls.sega import SEGA, Concept
 
 import diffusers  # the oracle
+from pipes import ours
 
 TOL = 1e-4
 
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def ours(path) -> cd.Pipeline:
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import controldiff as cd
 from hostile import Evil
+import pipes
+from pipes import ours
 
 TOL = 1e-4
 KW = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
@@ -16,12 +17,6 @@ KW = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
 
 def gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def ours(path):
-    pipe = cd.Pipeline.from_pretrained(path)
-    pipe.progress = False
-    return pipe
 
 
 def vectors(n, width=32, seed=0):
@@ -42,11 +37,7 @@ def a1111_file(tmp_path, name, emb):
 
 
 def reference(path):
-    import diffusers
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipes.reference("StableDiffusionPipeline", path)
 
 
 @pytest.mark.parametrize("fmt,n", [("diffusers", 1), ("diffusers", 3), ("a1111", 1), ("a1111", 2)])
