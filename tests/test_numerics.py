@@ -86,6 +86,17 @@ def test_guidance_at_most_one_still_disables_cfg(pipe):
     assert rows == [1, 1]
 
 
+@pytest.mark.parametrize("make, name", [
+    (lambda v: cd.InstructPix2Pix(np.zeros((8, 8, 3), np.float32), image_guidance_scale=v), "image_guidance_scale"),
+    (lambda v: cd.Region("a dog", weight=v), "Region.weight"),
+    (lambda v: cd.Concept("a dog", scale=v), "Concept.scale"),
+])
+def test_control_scales_must_be_finite(make, name):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"{name}: expected a finite number"):
+            make(bad)
+
+
 @pytest.mark.parametrize("name", ["eta", "aesthetic_score"])
 def test_other_scales_must_be_finite(tiny_model, name):
     xl = cd.Pipeline.from_pretrained(tiny_model("sdxl"))

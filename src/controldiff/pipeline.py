@@ -6,16 +6,15 @@ other technique comes in through ``controls``.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
 from . import schedulers
+from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
 from .loading.lora import LoraMixin
@@ -31,18 +30,6 @@ from .sampling.loop import sample
 from .text.encode import PromptEncoder, TextCond, as_list as _as_list
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def _check_positive(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _check_finite_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -247,7 +234,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         prompts = _as_list(prompt, "prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        _check_positive(num_images_per_prompt, "num_images_per_prompt")
+        positive_int(num_images_per_prompt, "num_images_per_prompt")
         sdxl = self.info.family == "sdxl"
         xl_only = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                        target_size=target_size, aesthetic_score=aesthetic_score,
@@ -265,12 +252,12 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         task = task_of(self.info.kind, image, mask_image)
         d = defaults_for(self.info.family, task)
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        _check_positive(steps, "num_inference_steps")
+        positive_int(steps, "num_inference_steps")
         cfg = CFG(d.guidance_scale if guidance_scale is None else guidance_scale)
-        eta = _check_finite_number(d.eta if eta is None else eta, "eta")
-        aesthetic = _check_finite_number(d.aesthetic_score if aesthetic_score is None else aesthetic_score,
+        eta = finite_number(d.eta if eta is None else eta, "eta")
+        aesthetic = finite_number(d.aesthetic_score if aesthetic_score is None else aesthetic_score,
                                          "aesthetic_score")
-        negative_aesthetic = _check_finite_number(
+        negative_aesthetic = finite_number(
             d.negative_aesthetic_score if negative_aesthetic_score is None else negative_aesthetic_score,
             "negative_aesthetic_score")
 
@@ -294,7 +281,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
                 if mask_size != image_size(image):
                     raise ValueError(f"mask_image: size {mask_size} (h, w) differs from image size {image_size(image)}")
             strength = default_strength(self.info.family, task) if strength is None else strength
-            if isinstance(strength, bool) or not isinstance(strength, Real) or not 0.0 < strength <= 1.0:
+            if not is_number(strength) or not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength: expected a value in (0, 1], got {strength!r}")
             strength = float(strength)
         height, width = self._default_size(height, width, image, controls)

@@ -7,22 +7,13 @@ guidance off (NaN > 1 is False) and infinity would fill the latents with NaN.
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
+from ..checks import finite_number
 from ..sampling.control import Branch, Control
-
-
-def check_guidance(scale, name: str = "guidance_scale") -> float:
-    """``scale`` as a float, or a ValueError naming ``name``."""
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
-        raise ValueError(f"{name}: expected a finite number (<= 1 turns guidance off), got {scale!r}")
-    return float(scale)
 
 
 class CFG(Control):
     def __init__(self, scale: float = 7.5):
-        self.scale = check_guidance(scale)
+        self.scale = finite_number(scale, "guidance_scale", note=" (<= 1 turns guidance off)")
 
     @property
     def enabled(self) -> bool:

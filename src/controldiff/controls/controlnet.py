@@ -9,20 +9,18 @@ mode runs it on the "cond" rows only (zeros elsewhere) with log-spaced residual 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from ..checks import finite_number
 from ..images import as_batch, image_size, to_tensor01
 from ..models.controlnet import ControlNetModel
 from ..sampling.control import Control, crop_views
 
 
 def check_scale(value, name: str = "scale") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    return finite_number(value, name, minimum=0.0)
 
 
 def control_image(image, ctx, channels: int, owner: str, expand: bool = True) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import finite_number
 from ..images import as_batch, image_size, preprocess_image
 from ..sampling.control import Branch, Control
 
@@ -24,10 +25,8 @@ class InstructPix2Pix(Control):
     def __init__(self, image, image_guidance_scale: float = 1.5):
         if image is None:
             raise ValueError("image: InstructPix2Pix needs the image to edit")
-        if isinstance(image_guidance_scale, bool) or not isinstance(image_guidance_scale, (int, float)):
-            raise ValueError(f"image_guidance_scale: expected a number, got {image_guidance_scale!r}")
         self.image = as_batch(image, "image", "image")
-        self.image_guidance_scale = float(image_guidance_scale)
+        self.image_guidance_scale = finite_number(image_guidance_scale, "image_guidance_scale")
         self.name = "ip2p_uncond_zero_image"
         self._channels = slice(0, 0)
         self._zero = None

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..checks import finite_number
 from ..images import image_size, to_tensor
 from ..sampling.control import Branch, Control, crop_views
 from ..text.encode import TextCond, check_text
@@ -50,8 +51,7 @@ class Region:
         check_text(self.prompt, "Region.prompt")
         if self.mask is not None and self.box is not None:
             raise ValueError("mask, box: give a region one of them, not both")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight >= 0:
-            raise ValueError(f"weight: expected a number >= 0, got {self.weight!r}")
+        finite_number(self.weight, "Region.weight", minimum=0.0)
         if self.box is not None:
             box = tuple(self.box)
             if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):

@@ -8,13 +8,12 @@ computed on the latents' device; momentum lives for one run (reset in ``setup``)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Optional, Sequence, Union
 
 import torch
 
+from ..checks import finite_number
 from ..sampling.control import Branch, Control
 from ..text.encode import TextCond, check_text
 
@@ -41,9 +40,7 @@ class Concept:
             raise ValueError(f"Concept.prompt: expected a non-empty string, got {self.prompt!r}")
         check_text(self.prompt, "Concept.prompt")
         for name in ("scale", "threshold") + (("weight",) if self.weight is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-                raise ValueError(f"Concept.{name}: expected a finite number, got {v!r}")
+            finite_number(getattr(self, name), f"Concept.{name}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"Concept.threshold: expected a value in [0, 1], got {self.threshold}")
         for name in ("warmup",) + (("cooldown",) if self.cooldown is not None else ()):

@@ -9,9 +9,9 @@ named. ``where`` is the file (or a description) the config came from.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
+from ..checks import is_number
 from .config import Config
 
 __all__ = ["check_unet_config", "check_vae_config", "check_controlnet_config", "check_t2i_adapter_config",
@@ -26,10 +26,6 @@ def _fail(where, key: str, expected: str, value: Any):
 
 def _is_int(v: Any) -> bool:
     return type(v) is int
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive(cfg: Mapping, key: str, where, optional: bool = False) -> None:
@@ -109,7 +105,7 @@ def _encoder_common(cfg: Mapping, where) -> list[int]:
     _per_block(cfg, "transformer_layers_per_block", len(channels), where)
     _heads(cfg, channels, where)
     _groups(cfg, channels, where)
-    if not _is_number(cfg.get("norm_eps")) or cfg["norm_eps"] <= 0:
+    if not is_number(cfg.get("norm_eps")) or cfg["norm_eps"] <= 0:
         _fail(where, "norm_eps", "a positive number", cfg.get("norm_eps"))
     for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
         _positive(cfg, key, where, optional=True)
@@ -154,14 +150,14 @@ def check_vae_config(config: Mapping[str, Any], where) -> None:
     _names(cfg, "up_block_types", where)
     _groups(cfg, channels, where)
     _sample_size(cfg, where)
-    if not _is_number(cfg.scaling_factor) or cfg.scaling_factor <= 0:
+    if not is_number(cfg.scaling_factor) or cfg.scaling_factor <= 0:
         _fail(where, "scaling_factor", "a positive number", cfg.scaling_factor)
-    if cfg.shift_factor is not None and not _is_number(cfg.shift_factor):
+    if cfg.shift_factor is not None and not is_number(cfg.shift_factor):
         _fail(where, "shift_factor", "a number or null", cfg.shift_factor)
     for key in ("latents_mean", "latents_std"):
         v = cfg[key]
         if v is not None and (not isinstance(v, list) or len(v) != cfg.latent_channels
-                              or not all(_is_number(x) for x in v)):
+                              or not all(is_number(x) for x in v)):
             _fail(where, key, f"null or a list of {cfg.latent_channels} numbers (one per latent channel)", v)
     if cfg.latents_std is not None and any(x == 0 for x in cfg.latents_std):
         _fail(where, "latents_std", "non-zero numbers", cfg.latents_std)
@@ -187,14 +183,14 @@ def check_scheduler_config(config: Mapping[str, Any], where) -> None:
     if "num_train_timesteps" in config:
         _positive(config, "num_train_timesteps", where)
     for key in ("beta_start", "beta_end"):
-        if key in config and (not _is_number(config[key]) or not 0 < config[key] < 1):
+        if key in config and (not is_number(config[key]) or not 0 < config[key] < 1):
             _fail(where, key, "a number in (0, 1)", config[key])
     if "steps_offset" in config and (not _is_int(config["steps_offset"]) or config["steps_offset"] < 0):
         _fail(where, "steps_offset", "an integer >= 0", config["steps_offset"])
     if config.get("prediction_type") is not None and config["prediction_type"] not in PREDICTION_TYPES:
         _fail(where, "prediction_type", f"one of {PREDICTION_TYPES}", config["prediction_type"])
     betas = config.get("trained_betas")
-    if betas is not None and (not isinstance(betas, list) or not betas or not all(_is_number(b) for b in betas)):
+    if betas is not None and (not isinstance(betas, list) or not betas or not all(is_number(b) for b in betas)):
         _fail(where, "trained_betas", "null or a list of numbers", betas)
     for key in ("beta_schedule", "timestep_spacing"):
         if key in config and not isinstance(config[key], str):
