@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from controldiff import cli, demo
-from controldiff.png import format_parameters, read_parameters, save_png
+from controldiff.png import format_parameters, read_parameters, write_png
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 
@@ -53,8 +53,9 @@ def test_format_parameters_a1111_layout():
 
 def test_png_parameters_round_trip(tmp_path):
     img = Image.new("RGB", (8, 8), "red")
-    save_png(img, tmp_path / "a.png", "a cat\nSteps: 2")
-    save_png(img, tmp_path / "u.png", "ein Kätzchen 猫\nSteps: 2")  # not Latin-1: iTXt
+    for name, text in (("a.png", "a cat\nSteps: 2"), ("u.png", "ein Kätzchen 猫\nSteps: 2")):  # u: not Latin-1, iTXt
+        with open(tmp_path / name, "wb") as f:
+            write_png(img, f, text)
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     assert read_parameters(tmp_path / "a.png") == "a cat\nSteps: 2"
     assert read_parameters(tmp_path / "u.png") == "ein Kätzchen 猫\nSteps: 2"

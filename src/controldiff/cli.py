@@ -82,14 +82,12 @@ def _seed(text: str) -> int:
 def _text(text: str) -> str:
     """Command-line text the tokenizer and the PNG can hold. Python turns bytes of argv that
     are not UTF-8 into lone surrogates; refuse them here, naming the argument."""
+    from .text.encode import check_text  # the library's rule and message
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
-        what = f"byte 0x{byte:02x}" if byte is not None else f"{text[e.start]!r}"
-        raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({what} at character {e.start}); pass the text "
-                                         "in UTF-8 (check the terminal's or the script's encoding)") from None
-    return text
+        return check_text(text, "text")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("text: ")) from None
 
 
 class _NegativePrompt(argparse.Action):

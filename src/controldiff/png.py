@@ -107,15 +107,6 @@ def write_png(image: Image.Image, file: BinaryIO, parameters: str) -> None:
     image.save(file, format="PNG", pnginfo=_pnginfo(parameters))
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """Save ``image`` as PNG with ``parameters`` at ``path`` (a plain write; the command line
-    goes through :mod:`controldiff.outputs` instead)."""
-    path = Path(path)
-    with open(path, "wb") as f:
-        write_png(image, f, parameters)
-    return path
-
-
 def read_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG, or None when it has none."""
     with Image.open(path) as im:

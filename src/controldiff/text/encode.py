@@ -24,8 +24,10 @@ def check_text(value: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name}: not valid UTF-8 text (an unpaired surrogate {value[e.start]!r} at "
-                         f"character {e.start}); decode the text with the right encoding: {value!r}") from None
+        code = ord(value[e.start])  # 0xDC80..0xDCFF: a byte Python's argv/filesystem decoding could not read
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"an unpaired surrogate {value[e.start]!r}"
+        raise ValueError(f"{name}: not valid UTF-8 text ({what} at character {e.start}); pass or decode the text "
+                         f"in UTF-8 (check the terminal's, the script's or the file's encoding): {value!r}") from None
     return value
 
 
