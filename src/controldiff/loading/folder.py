@@ -14,7 +14,8 @@ from ..models.validate import (check_scheduler_config, check_text_encoder_config
 from .family import ModelInfo, detect_family
 from .weights import align_prefix, find_weights, load_model
 
-__all__ = ["Components", "load_components", "load_text_encoder", "load_tokenizer", "check_tokenizer_files"]
+__all__ = ["Components", "FolderConfigs", "read_configs", "load_components", "load_text_encoder", "load_tokenizer",
+           "check_tokenizer_files"]
 
 TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
@@ -144,6 +145,43 @@ def load_tokenizer(folder: str | Path):
         raise ValueError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
+@dataclass
+class FolderConfigs:
+    """Every config of a diffusers folder, checked, with the family detected from them."""
+
+    model_index: dict
+    unet: dict
+    vae: dict
+    scheduler: dict
+    text_encoders: list  # raw configs in slot order (None: a slot the folder lacks, e.g. a refiner's first)
+    slots: list          # the text encoder slots present
+    info: ModelInfo
+
+
+def read_configs(root: str | Path) -> FolderConfigs:
+    """Read and check every config and tokenizer file of a folder, no weights: what the
+    loader and ``controldiff info`` check before any tensor is read. Errors name the file."""
+    root = Path(root)
+    model_index = read_json(root / "model_index.json")
+    files = {name: _require_dir(root / name, name) / "config.json" for name in ("unet", "vae")}
+    files["scheduler"] = _require_dir(root / "scheduler", "scheduler") / "scheduler_config.json"
+    unet, vae, scheduler = (read_json(f) for f in files.values())
+    check_unet_config(unet, files["unet"])
+    check_vae_config(vae, files["vae"])
+    check_scheduler_config(scheduler, files["scheduler"])
+    slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, model_index, s)]
+    if not slots:
+        raise FileNotFoundError(f"{root / 'text_encoder'}: text encoder folder not found")
+    n = 2 if "text_encoder_2" in slots else 1
+    text_configs = [_text_config(_require_dir(root / s, "text encoder") / "config.json")[0] if s in slots else None
+                    for s in TEXT_ENCODER_SLOTS[:n]]
+    info = detect_family(unet, text_configs, scheduler, vae, files["unet"])
+    for s, t in zip(TEXT_ENCODER_SLOTS, TOKENIZER_SLOTS):
+        if s in slots:
+            check_tokenizer_files(root / t)
+    return FolderConfigs(model_index, unet, vae, scheduler, text_configs, slots, info)
+
+
 def load_components(path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> Components:
     """Load a diffusers folder: ``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/
@@ -161,38 +199,16 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu",
             "text_encoder/, tokenizer/, scheduler/); for a single-file checkpoint (.safetensors/.ckpt) "
             "use Pipeline.from_single_file"
         )
-    model_index = read_json(root / "model_index.json")
-
-    unet_dir = _require_dir(root / "unet", "unet")
-    vae_dir = _require_dir(root / "vae", "vae")
-    sched_dir = _require_dir(root / "scheduler", "scheduler")
-    unet_config = read_json(unet_dir / "config.json")
-    vae_config = read_json(vae_dir / "config.json")
-    scheduler_config = read_json(sched_dir / "scheduler_config.json")
-    check_unet_config(unet_config, unet_dir / "config.json")
-    check_vae_config(vae_config, vae_dir / "config.json")
-    check_scheduler_config(scheduler_config, sched_dir / "scheduler_config.json")
-
-    slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, model_index, s)]
-    if not slots:
-        raise FileNotFoundError(f"{root / 'text_encoder'}: text encoder folder not found")
-    n = 2 if "text_encoder_2" in slots else 1
-    te_configs: list[dict | None] = []
-    for s in TEXT_ENCODER_SLOTS[:n]:
-        te_configs.append(_text_config(_require_dir(root / s, "text encoder") / "config.json")[0] if s in slots else None)
-    info = detect_family(unet_config, te_configs, scheduler_config, vae_config, unet_dir / "config.json")
-    for s, t in zip(TEXT_ENCODER_SLOTS[:n], TOKENIZER_SLOTS[:n]):
-        if s in slots:
-            check_tokenizer_files(root / t)  # before gigabytes of weights are read
-
-    unet = load_model(lambda: UNet2DConditionModel(unet_config),
-                      find_weights(unet_dir, "diffusion_pytorch_model", variant), device=device, dtype=dtype)
-    vae = load_model(lambda: AutoencoderKL(vae_config),
-                     find_weights(vae_dir, "diffusion_pytorch_model", variant), device=device, dtype=dtype)
+    c = read_configs(root)  # everything that can be wrong before gigabytes of weights are read
+    model_index = c.model_index
+    unet = load_model(lambda: UNet2DConditionModel(c.unet),
+                      find_weights(root / "unet", "diffusion_pytorch_model", variant), device=device, dtype=dtype)
+    vae = load_model(lambda: AutoencoderKL(c.vae),
+                     find_weights(root / "vae", "diffusion_pytorch_model", variant), device=device, dtype=dtype)
     text_encoders: list = []
     tokenizers: list = []
-    for s, t in zip(TEXT_ENCODER_SLOTS[:n], TOKENIZER_SLOTS[:n]):
-        if s not in slots:
+    for s, t in zip(TEXT_ENCODER_SLOTS[:len(c.text_encoders)], TOKENIZER_SLOTS):
+        if s not in c.slots:
             text_encoders.append(None)
             tokenizers.append(None)
             continue
@@ -206,8 +222,8 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu",
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
-        scheduler_config=scheduler_config,
-        info=info,
+        scheduler_config=c.scheduler,
+        info=c.info,
         path=root,
         model_index=model_index,
     )

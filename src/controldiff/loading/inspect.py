@@ -15,9 +15,7 @@ from typing import Iterable, Optional
 
 from torch import Tensor
 
-from ..models.config import read_json
-from ..models.validate import check_scheduler_config, check_unet_config, check_vae_config
-from .family import ModelInfo, detect_family
+from .family import ModelInfo
 from .weights import SAFETENSORS_EXTENSIONS, find_weights, load_state_dict, meta_state_dict
 
 __all__ = ["Summary", "summarize", "quick_summary", "rows"]
@@ -58,30 +56,17 @@ def _state(path: Path) -> dict[str, Tensor]:
 
 
 def _folder(root: Path, weights: bool) -> Summary:
-    from .folder import TEXT_ENCODER_SLOTS, TOKENIZER_SLOTS, _slot_present, _text_config, check_tokenizer_files
+    from .folder import read_configs
 
-    index = read_json(root / "model_index.json")
-    files = {name: root / name / "config.json" for name in ("unet", "vae")}
-    files["scheduler"] = root / "scheduler" / "scheduler_config.json"
-    unet_cfg, vae_cfg, sched_cfg = (read_json(f) for f in files.values())
-    check_unet_config(unet_cfg, files["unet"])
-    check_vae_config(vae_cfg, files["vae"])
-    check_scheduler_config(sched_cfg, files["scheduler"])
-    slots = [s for s in TEXT_ENCODER_SLOTS if _slot_present(root, index, s)]
-    n = 2 if "text_encoder_2" in slots else 1
-    te_cfgs = [_text_config(root / s / "config.json")[0] if s in slots else None for s in TEXT_ENCODER_SLOTS[:n]]
-    for s, t in zip(TEXT_ENCODER_SLOTS, TOKENIZER_SLOTS):
-        if s in slots:
-            check_tokenizer_files(root / t)
-    info = detect_family(unet_cfg, te_cfgs, sched_cfg, vae_cfg, files["unet"])
+    c = read_configs(root)
     components = []
     if weights:
         for name, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")] + \
-                [(s, "model") for s in slots]:
+                [(s, "model") for s in c.slots]:
             tensors = [t for f in find_weights(root / name, stem) for t in _state(f).values()]
             components.append((name, *_count(tensors)))
-    return Summary(root, info, _pixels(unet_cfg["sample_size"], info.latent_factor),
-                   sched_cfg.get("_class_name", "?"), components)
+    return Summary(root, c.info, _pixels(c.unet["sample_size"], c.info.latent_factor),
+                   c.scheduler.get("_class_name", "?"), components)
 
 
 def _single_file(path: Path, weights: bool) -> Summary:
