@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.config import read_json
-from ..models.validate import (check_scheduler_config, check_text_encoder_config, check_unet_config,
-                               check_vae_config)
+from ..models.validate import (PREDICTION_TYPES, check_scheduler_config, check_text_encoder_config,
+                               check_unet_config, check_vae_config)
 from . import convert_ldm as ldm
 from .family import KINDS, ModelInfo, detect_family
 from .weights import _materialise_buffers, _meta_tensors, load_state_dict
@@ -33,7 +33,6 @@ from .weights import _materialise_buffers, _meta_tensors, load_state_dict
 __all__ = ["SingleFileMixin", "load_single_file", "single_file_configs", "detect_checkpoint", "CONFIGS_DIR"]
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
