@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import controldiff as cd
+from controldiff.sampling.finite import StepWatch
 from controldiff.text.weighting import MAX_WEIGHT, parse
 
 
@@ -25,6 +26,22 @@ def test_vae_non_finite_output_is_refused(pipe, monkeypatch, value):
     monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full_like(decode(z), value))
     with pytest.raises(FloatingPointError, match="VAE decode.*(NaN|infinite)"):
         run(pipe)
+
+
+def test_deferred_watch_names_the_first_bad_step():
+    """On accelerators the loop keeps the first bad step on the device (no read-back per
+    step) and reports it after the loop: the same step as the immediate check."""
+    steps = torch.tensor([999, 666, 333, 0])
+    watch = StepWatch(steps, torch.float32, defer=True)
+    good, bad = torch.zeros(2), torch.tensor([0.0, float("inf")])
+    for i, x in enumerate((good, bad, torch.full((2,), float("nan")), good)):
+        watch.see(i, x)  # nothing raised while the loop runs
+    with pytest.raises(FloatingPointError, match=r"UNet step 2 of 4 \(t=666\)"):
+        watch.check()
+    fine = StepWatch(steps, torch.float32, defer=True)
+    for i in range(4):
+        fine.see(i, good)
+    fine.check()
 
 
 def test_unet_non_finite_names_the_step(pipe, monkeypatch):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..text.encode import TextCond
 from .control import Branch, Context, Control, ModelCall, Step, crop_views
-from .finite import check_finite
+from .finite import StepWatch
 
 
 def _gather_branches(controls: Sequence[Control], ctx: Context, step: Step) -> list[Branch]:
@@ -80,12 +80,14 @@ def sample(
 
     ``callback(i, t, latents)`` runs after each step; returning False stops the loop
     early (the latents reached so far are returned, nothing is lost). Latents that turn
-    NaN or infinite stop the loop at that step with a FloatingPointError naming it.
+    NaN or infinite raise a FloatingPointError naming the first such step (on the CPU at
+    that step, on an accelerator after the loop: see :class:`StepWatch`).
     """
     step_kwargs = step_kwargs or {}
     owner = _views_owner(controls)
     count = len(timesteps)
     done = 0
+    watch = StepWatch(timesteps, ctx.dtype)
     with tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
         for i, t in enumerate(timesteps):
             step = Step(index=i, t=t, count=count)
@@ -107,9 +109,10 @@ def sample(
             latents = denoise(latents) if owner is None else owner.step_views(ctx, step, latents, denoise)
             for c in controls:
                 latents = c.after_step(ctx, step, latents)
-            check_finite(latents, f"UNet step {i + 1} of {count} (t={float(t):g})", ctx.dtype)
+            watch.see(i, latents)
             done = i + 1
             bar.update()
             if callback is not None and callback(i, t, latents) is False:
                 break
+    watch.check()
     return latents, done
