@@ -177,6 +177,25 @@ def test_generate_ctrl_c_keeps_finished_images(home, tmp_path, capsys, monkeypat
     assert rc == 130 and "interrupted" in err
 
 
+def test_a_fault_in_a_later_image_says_what_was_kept(home, tmp_path, capsys, monkeypatch):
+    from controldiff import pipeline
+
+    real = pipeline.Pipeline.__call__
+    calls = []
+
+    def second_fails(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("VAE decode: the result contains NaN")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(pipeline.Pipeline, "__call__", second_fails)
+    rc, _, err = run(capsys, "generate", "-p", "x", *FAST, "--num-images", "3", "--seed", "5", "-o", tmp_path / "f.png")
+    assert rc == 2 and "Traceback" not in err
+    assert "image 2 (seed 6): VAE decode: the result contains NaN; 1 finished image kept" in err
+    assert (tmp_path / "f-1.png").exists() and not (tmp_path / "f-2.png").exists()
+
+
 # ----------------------------------------------------------------------------- info
 
 

@@ -336,10 +336,16 @@ def cmd_generate(args) -> int:
     saved, steps_run = [], 0
     with cancel:
         for i, s in enumerate(seeds):
-            out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
-                       scheduler=args.scheduler, generator=torch.Generator("cpu").manual_seed(s), image=image,
-                       mask_image=mask, output_type="pil", callback=cancel, controls=controls,
-                       clip_skip=args.clip_skip, **given)
+            try:
+                out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
+                           scheduler=args.scheduler, generator=torch.Generator("cpu").manual_seed(s), image=image,
+                           mask_image=mask, output_type="pil", callback=cancel, controls=controls,
+                           clip_skip=args.clip_skip, **given)
+            except (ValueError, FloatingPointError) as e:  # e.g. NaN in image 3: say what was kept
+                if not saved:
+                    raise
+                print(f"{PROG}: error: image {i + 1} (seed {s}): {e}; {_kept(saved)}", file=sys.stderr)
+                return _EXIT_USAGE  # as main() reports these errors
             if out.cancelled:
                 done = out.steps_done
                 print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {i + 1}; "
