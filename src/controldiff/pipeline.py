@@ -5,6 +5,7 @@ other technique comes in through ``controls``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .loading.textual_inversion import TextualInversionMixin
 from .defaults import default_strength, defaults_for, task_of
 from .images import as_batch, image_size, postprocess, preprocess_image, preprocess_mask
 from .memory import check_fits
+from .model_editing import ModelEditingMixin
 from .noise import check_generator, check_seed, randn_tensor
 from .sampling.control import Context, Control
 from .sampling.finite import check_finite
@@ -30,6 +32,21 @@ from .sampling.loop import sample
 from .text.encode import PromptEncoder, TextCond, as_list as _as_list
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@contextlib.contextmanager
+def _set_up(controls: Sequence[Control], ctx: Context):
+    """Each control's ``setup`` in order; on leaving, ``teardown`` of every control whose
+    setup ran, in reverse order, whatever happened in between."""
+    ready: list[Control] = []
+    try:
+        for c in controls:
+            c.setup(ctx)
+            ready.append(c)
+        yield
+    finally:
+        for c in reversed(ready):
+            c.teardown(ctx)
 
 
 @dataclass
@@ -44,7 +61,7 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
+class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
@@ -308,10 +325,11 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
                                     num_images_per_prompt, clip_skip)
         ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator,
-                      encode=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")),
-                                                   num_images_per_prompt, "a control's prompt"),
-                      vae=self.vae, info=self.info, height=height, width=width, steps=len(timesteps),
-                      guidance_scale=cfg.scale)
+                      encode_prompt=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")),
+                                                          num_images_per_prompt, "a control's prompt"),
+                      vae=self.vae, info=self.info, height=height, width=width, timesteps=timesteps,
+                      guidance_scale=cfg.scale, decoder=self._decode, encoder=self._encode_image,
+                      tokenize=self.prompt_encoder.token_ids)
         if sdxl:
             micro = dict(xl_only, crops_coords_top_left=crops_coords_top_left, aesthetic_score=aesthetic,
                          negative_aesthetic_score=negative_aesthetic, negative_original_size=negative_original_size,
@@ -322,16 +340,14 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin):
         latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
                                                   sched, generator)
         all_controls: list[Control] = [cfg, *internal, *controls]
-        for c in all_controls:
-            c.setup(ctx)
-        extra = 0 if ctx.concat is None else ctx.concat.shape[1]
-        if latents.shape[1] + extra != self.unet.config.in_channels:
-            raise ValueError(f"controls: the UNet takes {self.unet.config.in_channels} input channels "
-                             f"({self.info.kind} model); the latents and controls give {latents.shape[1] + extra}")
-
-        step_kwargs = {"eta": eta} if eta else {}
-        latents, done = sample(ctx, latents, timesteps, all_controls, callback=callback, progress=self.progress,
-                               step_kwargs=step_kwargs)
+        with _set_up(all_controls, ctx):
+            extra = 0 if ctx.concat is None else ctx.concat.shape[1]
+            if latents.shape[1] + extra != self.unet.config.in_channels:
+                raise ValueError(f"controls: the UNet takes {self.unet.config.in_channels} input channels "
+                                 f"({self.info.kind} model); the latents and controls give {latents.shape[1] + extra}")
+            step_kwargs = {"eta": eta} if eta else {}
+            latents, done = sample(ctx, latents, timesteps, all_controls, callback=callback,
+                                   progress=self.progress, step_kwargs=step_kwargs)
         settings = dict(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width, task=task,
                         steps=steps, guidance_scale=cfg.scale, scheduler=scheduler or sched.name, seed=seed,
                         strength=strength, eta=eta, clip_skip=clip_skip,

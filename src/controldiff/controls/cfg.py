@@ -25,8 +25,8 @@ class CFG(Control):
             return [cond]
         return [Branch("uncond", ctx.text["uncond"], time_ids=ctx.uncond_time_ids), cond]
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         if not self.enabled:
-            return noise
+            return pred
         uncond = preds["uncond"]
-        return uncond + self.scale * (noise - uncond)
+        return uncond + self.scale * (pred - uncond)

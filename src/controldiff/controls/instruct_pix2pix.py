@@ -65,11 +65,11 @@ class InstructPix2Pix(Control):
         return [Branch(self.name, ctx.text["uncond"], concat=self._zero_image(ctx),
                        time_ids=ctx.uncond_time_ids)]
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         if "uncond" not in preds:
-            return noise
+            return pred
         if self.image_guidance_scale < 1.0:
             return preds["cond"]  # the reference's quirk: no guidance at all
         if self.image_guidance_scale == 1.0:
-            return noise
-        return noise + (self.image_guidance_scale - 1.0) * (preds["uncond"] - preds[self.name])
+            return pred
+        return pred + (self.image_guidance_scale - 1.0) * (preds["uncond"] - preds[self.name])

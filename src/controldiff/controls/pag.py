@@ -113,7 +113,7 @@ class PAG(Control):
             return s.clamp_min(0) if torch.is_tensor(s) else max(s, 0.0)
         return self.scale
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         if not self.enabled:
-            return noise
-        return noise + self.current_scale(step.t) * (preds["cond"] - preds[self.name])
+            return pred
+        return pred + self.current_scale(step.t) * (preds["cond"] - preds[self.name])

@@ -111,7 +111,7 @@ class Regions(Control):
                 continue  # no effect, no model evaluation
             small = F.interpolate(mask, size=size, mode="nearest") * float(region.weight)
             small = small.expand(ctx.batch, -1, -1, -1).to(ctx.device, ctx.dtype)
-            text = ctx.encode(region.prompt)
+            text = ctx.encode_prompt(region.prompt)
             text = text.tile(ctx.batch // text.embeds.shape[0])  # one prompt for a batch of several
             self.active.append((f"{self.key}.{i}", text, small))
             total = total + small
@@ -123,15 +123,15 @@ class Regions(Control):
     def branches(self, ctx, step):
         return [Branch(name, text) for name, text, _ in self.active]
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         if not self.active:
-            return noise
+            return pred
         views = step.call.views if step.call is not None else None
         cond = preds["cond"]
         weight = crop_views(self.background, views)
-        delta = torch.zeros_like(noise)
+        delta = torch.zeros_like(pred)
         for name, _, mask in self.active:
             m = crop_views(mask, views)
             delta = delta + m * (preds[name] - cond)
             weight = weight + m
-        return noise + (self.scale if self.guided else 1.0) * delta / weight
+        return pred + (self.scale if self.guided else 1.0) * delta / weight

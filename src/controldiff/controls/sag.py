@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling.control import Control
-from ..schedulers.base import KSigmaScheduler
 from ..text.encode import TextCond
 
 SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
@@ -84,18 +83,17 @@ class SAG(Control):
 
         call.add_processor(SITE, wrap)
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         if self.scale == 0:
-            return noise
+            return pred
         call = step.call
         src = self._source(call)
         rows = call.rows(src)
-        pred = preds[src]
-        channels = pred.shape[1]
-        x = call.x[rows, :channels]   # the model input: alpha-space latents for every scheduler
-        alpha = self._alpha_prod(ctx.scheduler, step.t, x)
-        x0, eps = self._x0_eps(ctx.scheduler.config.prediction_type, x, pred, alpha)
-        degraded = self._degrade(ctx, x0, self._probs, eps, step.t, alpha)
+        out = preds[src]
+        channels = out.shape[1]
+        x = call.x[rows, :channels]   # the model input: alpha * x0 + sigma * eps for every scheduler
+        x0, eps = step.x0_eps(out, x)
+        degraded = self._degrade(ctx, step, x0, self._probs, eps)
         self._probs = None
         if call.x.shape[1] > channels:   # extra input channels (inpainting): as the branch had them
             degraded = torch.cat([degraded, call.x[rows, channels:]], dim=1)
@@ -104,28 +102,10 @@ class SAG(Control):
         time_ids = None if added is None else added["time_ids"][rows]
         extra = {k: _rows_of(v, rows) for k, v in call.kwargs.items() if k != "added_cond_kwargs"}
         degraded_pred = ctx.run_unet(degraded, step.t, text, time_ids=time_ids, **extra)
-        return noise + self.scale * (pred - degraded_pred)
+        return pred + self.scale * (out - degraded_pred)
 
-    @staticmethod
-    def _alpha_prod(sched, t, x):
-        """alpha_bar of this step: from the timestep like the reference, or from the sigma of
-        k-diffusion schedulers (whose model input x / sqrt(sigma^2+1) is alpha-space)."""
-        if isinstance(sched, KSigmaScheduler):
-            sigma = sched.sigmas[sched.step_index].to(x.device, x.dtype)
-            return 1 / (sigma**2 + 1)
-        return sched.alphas_cumprod[t].to(x.device)
-
-    @staticmethod
-    def _x0_eps(kind, x, out, alpha):
-        beta = 1 - alpha
-        if kind == "epsilon":
-            return (x - beta ** (0.5) * out) / alpha ** (0.5), out
-        if kind == "v_prediction":
-            return (alpha**0.5) * x - (beta**0.5) * out, (beta**0.5) * x + (alpha**0.5) * out
-        return out, (x - (alpha**0.5) * out) / (beta**0.5)
-
-    def _degrade(self, ctx, x0, probs, eps, t, alpha):
-        """Blur x0 where the map is attended most, then noise it back to step t."""
+    def _degrade(self, ctx, step, x0, probs, eps):
+        """Blur x0 where the map is attended most, then noise it back to this step's level."""
         b, c, lh, lw = x0.shape
         mh, mw = lh, lw
         for _ in range(len(ctx.unet.config.block_out_channels) - 1):  # stride-2 convs: ceil halving
@@ -137,6 +117,4 @@ class SAG(Control):
         mask = F.interpolate(mask, (lh, lw))
         degraded = gaussian_blur_2d(x0, kernel_size=9, sigma=1.0)
         degraded = degraded * mask + x0 * (1 - mask)
-        if isinstance(ctx.scheduler, KSigmaScheduler):
-            return alpha**0.5 * degraded + (1 - alpha) ** 0.5 * eps
-        return ctx.scheduler.add_noise(degraded, noise=eps, timesteps=t[None])
+        return step.noised(degraded, eps)

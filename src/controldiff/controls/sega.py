@@ -73,8 +73,8 @@ class SEGA(Control):
         if "uncond" not in ctx.text:
             raise ValueError("guidance_scale: SEGA needs classifier-free guidance (guidance_scale > 1), "
                              "its guidance is measured from the unconditional prediction")
-        if ctx.encode is None:
-            raise ValueError("concepts: SEGA needs a context that can encode prompts (ctx.encode)")
+        if ctx.encode_prompt is None:
+            raise ValueError("concepts: SEGA needs a context that can encode prompts (ctx.encode_prompt)")
         for c in self.concepts:
             if c.warmup >= ctx.steps:
                 raise ValueError(f"Concept.warmup: {c.warmup} for {c.prompt!r} is at or past the {ctx.steps} timesteps "
@@ -83,13 +83,13 @@ class SEGA(Control):
         self._momentum = {}
         self._text = {}
         for c in self.concepts:
-            text = ctx.encode(c.prompt)  # one row per image of one prompt: spread over the batch
+            text = ctx.encode_prompt(c.prompt)  # one row per image of one prompt: spread over the batch
             self._text[self.branch_name(c)] = text.tile(ctx.batch // text.embeds.shape[0])
 
     def branches(self, ctx, step):
         return [Branch(name, text) for name, text in self._text.items()]
 
-    def combine(self, ctx, step, preds, noise):
+    def combine(self, ctx, step, preds, pred):
         uncond = preds["uncond"]
         i, n = step.index, len(self.concepts)
         weights = torch.zeros((n, uncond.shape[0]), device=uncond.device, dtype=uncond.dtype)
@@ -113,7 +113,7 @@ class SEGA(Control):
             idx = torch.tensor(warm, device=uncond.device)
             w = weights.index_select(0, idx).clamp_min(0)
             w = torch.nan_to_num(w / w.sum(dim=0))  # the reference gives NaN when all are cooled down
-            noise = noise + torch.einsum("cb,cbijk->bijk", w, edits.index_select(0, idx))
+            pred = pred + torch.einsum("cb,cbijk->bijk", w, edits.index_select(0, idx))
 
         weights = torch.nan_to_num(weights.clamp_min(0))
         edit = torch.einsum("cb,cbijk->bijk", weights, edits)
@@ -124,5 +124,5 @@ class SEGA(Control):
         edit = edit + self.momentum_scale * momentum
         self._momentum[key] = self.momentum_beta * momentum + (1 - self.momentum_beta) * edit
         if len(warm) == n:
-            noise = noise + edit
-        return noise
+            pred = pred + edit
+        return pred

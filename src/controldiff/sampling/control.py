@@ -3,12 +3,13 @@
 A control overrides only the hooks it needs. The loop calls them in the order the
 controls were given; every control sees the same ``Context``.
 
-- ``setup``: validate against the model and precompute (encode images, prompts).
+- ``setup`` / ``teardown``: validate against the model and precompute (encode images,
+  prompts); undo and release after the loop (always run, failures included).
 - ``branches``: named model evaluations it needs this step; the loop batches the
   branches of all controls into one model call.
 - ``prepare_call``: adjust the batched model call (add residuals, attention processors).
-- ``combine``: turn the branch predictions into the noise prediction (CFG first,
-  then guidance terms added by other controls).
+- ``combine``: turn the branch predictions into the model prediction (CFG first,
+  then guidance terms added by other controls); ``Step.x0_eps`` converts it.
 - ``before_step`` / ``after_step``: latent operators around the scheduler step.
 - ``step_views``: split the canvas into views denoised separately and merged
   (MultiDiffusion); at most one control may do this.
@@ -26,7 +27,9 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..schedulers.prediction import to_output, x0_eps
 from ..text.encode import TextCond
+from ..text.tokens import find_tokens
 
 
 @dataclass
@@ -119,10 +122,33 @@ def default_processor(attn, hidden_states, encoder_hidden_states=None, attention
 
 @dataclass
 class Step:
+    """One step of the loop. The model input of this step is ``alpha * x0 + sigma * eps``
+    for every scheduler (k-diffusion schedulers scale their latents into this form), so
+    :meth:`x0_eps` and :meth:`to_prediction` work on ``call.x`` whatever the scheduler."""
+
     index: int          # 0-based position in this run's timesteps
     t: torch.Tensor     # the scheduler timestep
     count: int          # how many timesteps this run has
+    alpha: Any = 1.0    # sqrt(alpha_bar) of this step's noise level (float32 scalar tensor)
+    sigma: Any = 0.0    # sqrt(1 - alpha_bar)
+    prediction_type: str = "epsilon"   # what the model predicts: "epsilon", "sample" or "v_prediction"
     call: Optional[ModelCall] = None   # the call being combined (set by the loop before combine)
+
+    def x0_eps(self, pred: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from a model prediction ``pred`` at model input ``x`` (latent channels)."""
+        return x0_eps(self.prediction_type, pred, x, self._cast(self.alpha, x), self._cast(self.sigma, x))
+
+    def to_prediction(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The model prediction that :meth:`x0_eps` turns into (x0, eps)."""
+        return to_output(self.prediction_type, x0, eps, self._cast(self.alpha, x0), self._cast(self.sigma, x0))
+
+    def noised(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The model input at this step's level: ``alpha * x0 + sigma * eps``."""
+        return self._cast(self.alpha, x0) * x0 + self._cast(self.sigma, x0) * eps
+
+    @staticmethod
+    def _cast(v, like: torch.Tensor):
+        return v.to(like.device, like.dtype) if torch.is_tensor(v) else v
 
 
 @dataclass
@@ -136,20 +162,54 @@ class Context:
     generator: Any = None
     concat: Optional[torch.Tensor] = None    # extra UNet input channels, appended to every branch
     time_ids: Optional[torch.Tensor] = None  # SDXL micro-conditioning for "cond" (batch, 6)
-    encode: Optional[Callable[[Any], TextCond]] = None  # prompt(s) -> TextCond, placed and repeated like "cond"
+    encode_prompt: Optional[Callable[[Any], TextCond]] = None  # prompt(s) -> TextCond, placed and repeated like "cond"
     vae: Any = None
     info: Any = None                          # loading.family.ModelInfo
     height: int = 0                           # image size in pixels
     width: int = 0
-    steps: int = 0                            # timesteps this run has (fewer than asked for img2img)
+    timesteps: Optional[torch.Tensor] = None  # this run's timesteps (fewer than asked for img2img)
     guidance_scale: float = 1.0               # classifier-free guidance scale (<= 1: off)
     uncond_time_ids: Optional[torch.Tensor] = None  # SDXL micro-conditioning for "uncond" (None: as "cond")
     decode_wrap: int = 0                      # latent columns wrapped around each side when decoding
+    decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # see decode()
+    encoder: Optional[Callable[..., torch.Tensor]] = None             # see encode_image()
+    tokenize: Optional[Callable[[str], list]] = None  # text -> token ids (first tokenizer, no BOS/EOS)
     extras: Dict[str, Any] = field(default_factory=dict)  # free for user controls to share state
 
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def steps(self) -> int:
+        """How many timesteps this run has."""
+        return 0 if self.timesteps is None else len(self.timesteps)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] with the VAE (differentiable: run it under
+        ``torch.enable_grad()`` to take gradients through it)."""
+        if self.decoder is None:
+            raise ValueError("ctx.decode: this context has no VAE decoder")
+        return self.decoder(latents)
+
+    def encode_image(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents, sampling the VAE posterior
+        with ``generator`` as diffusers does (differentiable)."""
+        if self.encoder is None:
+            raise ValueError("ctx.encode_image: this context has no VAE encoder")
+        return self.encoder(images, generator)
+
+    def token_indices(self, word: str, branch: str = "cond", row: int = 0) -> list[int]:
+        """Positions in branch ``branch``'s embeddings (row ``row``) of the tokens of ``word``
+        (every occurrence; a word of several tokens gives all of them). Position 0 is the
+        first chunk's BOS, as in the reference pipelines' ``token_indices``."""
+        if self.tokenize is None or self.text[branch].ids is None:
+            raise ValueError("ctx.token_indices: this context keeps no token ids")
+        return find_tokens(self.text[branch].ids[row].tolist(), self.tokenize(word))
 
     def run_unet(self, x: torch.Tensor, t, text: TextCond, time_ids: Optional[torch.Tensor] = None,
                  processors: Optional[dict] = None, **kwargs) -> torch.Tensor:
@@ -163,10 +223,6 @@ class Context:
             kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": ids}
         with self.unet.attention_processors(processors or {}):
             return self.unet(x, t, text.embeds, **kwargs)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
 
 def plain(value: Any) -> Any:
@@ -214,6 +270,10 @@ class Control:
     def setup(self, ctx: Context) -> None:
         pass
 
+    def teardown(self, ctx: Context) -> None:
+        """Undo what ``setup`` did (restore weights, drop caches); always run after the loop,
+        also when it fails or is cancelled, for every control whose setup ran."""
+
     def default_size(self) -> Optional[tuple[int, int]]:
         """(height, width) in pixels this control suggests when the caller gives none
         (e.g. a ControlNet's image size, as the reference pipelines do)."""
@@ -225,8 +285,9 @@ class Control:
     def prepare_call(self, ctx: Context, step: Step, call: "ModelCall") -> None:
         pass
 
-    def combine(self, ctx: Context, step: Step, preds: Dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-        return noise
+    def combine(self, ctx: Context, step: Step, preds: Dict[str, torch.Tensor], pred: torch.Tensor) -> torch.Tensor:
+        """``pred``: the model prediction combined so far (CFG's first); return the new one."""
+        return pred
 
     def before_step(self, ctx: Context, step: Step, latents: torch.Tensor) -> torch.Tensor:
         return latents

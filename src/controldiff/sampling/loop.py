@@ -88,9 +88,12 @@ def sample(
     count = len(timesteps)
     done = 0
     watch = StepWatch(timesteps, ctx.dtype)
+    offset = ctx.scheduler.begin_index or 0   # img2img: timesteps start part-way into the schedule
+    kind = ctx.scheduler.config.prediction_type
     with tqdm(total=count, disable=not progress, desc="sampling", leave=False) as bar:
         for i, t in enumerate(timesteps):
-            step = Step(index=i, t=t, count=count)
+            alpha, sigma = ctx.scheduler.noise_level(offset + i)
+            step = Step(index=i, t=t, count=count, alpha=alpha, sigma=sigma, prediction_type=kind)
             for c in controls:
                 latents = c.before_step(ctx, step, latents)
 
@@ -101,10 +104,10 @@ def sample(
                     c.prepare_call(ctx, step, call)
                 preds = evaluate(ctx, call)
                 step.call = call
-                noise = preds["cond"] if "cond" in preds else preds[branches[-1].name]
+                pred = preds["cond"] if "cond" in preds else preds[branches[-1].name]
                 for c in controls:
-                    noise = c.combine(ctx, step, preds, noise)
-                return ctx.scheduler.step(noise, t, x, generator=ctx.generator, **step_kwargs)
+                    pred = c.combine(ctx, step, preds, pred)
+                return ctx.scheduler.step(pred, t, x, generator=ctx.generator, **step_kwargs)
 
             latents = denoise(latents) if owner is None else owner.step_views(ctx, step, latents, denoise)
             for c in controls:

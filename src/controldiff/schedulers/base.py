@@ -11,8 +11,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-
 from ..models.config import Config as SchedulerConfig  # a dict whose keys read as attributes
+from .prediction import alpha_sigma, k_x0
 
 
 def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None,
@@ -265,6 +265,11 @@ class Scheduler:
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
+    def noise_level(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) of the model input at ``self.timesteps[position]``: the input is
+        ``alpha * x0 + sigma * eps`` (see :mod:`.prediction`); float32 scalars."""
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
@@ -292,6 +297,10 @@ class AlphaScheduler(Scheduler):
         timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._move_schedule(device)
+
+    def noise_level(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha_bar = self.alphas_cumprod[self.timesteps[position]].float()
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         self.alphas_cumprod = self.alphas_cumprod.to(device=original.device)
@@ -328,6 +337,9 @@ class SigmaScheduler(Scheduler):
             return [self._step_index] * timesteps.shape[0]
         return [self._begin_index] * timesteps.shape[0]
 
+    def noise_level(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return alpha_sigma(self.sigmas[position].float())
+
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigmas = self.sigmas.to(device=original.device, dtype=original.dtype)
         sigma = expand_to(sigmas[self._step_indices(timesteps, original.device)], original)
@@ -362,9 +374,4 @@ class KSigmaScheduler(SigmaScheduler):
 
     def _x0(self, model_output: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
         """x0 from the model output at noise level ``sigma`` (k-diffusion parameterisation)."""
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return sample - sigma * model_output
-        if kind == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output
+        return k_x0(self.config.prediction_type, model_output, sample, sigma)

@@ -5,18 +5,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import AlphaScheduler, require
-
-
-def x0_and_eps(kind: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t):
-    """x0 and epsilon from an epsilon / sample / v prediction at alpha_bar_t."""
-    beta_prod_t = 1 - alpha_prod_t
-    if kind == "epsilon":
-        x0 = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-        return x0, model_output
-    if kind == "sample":
-        return model_output, (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
-    x0 = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-    return x0, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+from .prediction import x0_eps
 
 
 class DDIM(AlphaScheduler):
@@ -50,7 +39,7 @@ class DDIM(AlphaScheduler):
         prev_timestep = timestep - self._stride
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_t_prev = self._alpha_prev(prev_timestep)
-        x0, eps = x0_and_eps(self.config.prediction_type, model_output, sample, alpha_prod_t)
+        x0, eps = x0_eps(self.config.prediction_type, model_output, sample, alpha_prod_t**0.5, (1 - alpha_prod_t) ** 0.5)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         beta_prod_t = 1 - alpha_prod_t

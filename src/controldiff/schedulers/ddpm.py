@@ -5,7 +5,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import AlphaScheduler, require
-from .ddim import x0_and_eps
+from .prediction import x0_eps
 
 
 class DDPM(AlphaScheduler):
@@ -63,7 +63,7 @@ class DDPM(AlphaScheduler):
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
-        x0, _ = x0_and_eps(self.config.prediction_type, model_output, sample, alpha_prod_t)
+        x0, _ = x0_eps(self.config.prediction_type, model_output, sample, alpha_prod_t**0.5, beta_prod_t**0.5)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         x0_coeff = alpha_prod_t_prev**0.5 * current_beta_t / beta_prod_t

@@ -10,12 +10,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import SigmaScheduler, expand_to, karras_sigmas, require, sigma_to_t, spaced_timesteps, train_sigmas
-
-
-def alpha_sigma(sigma):
-    """VP coefficients of a VE sigma: x = alpha_t * x0 + sigma_t * eps."""
-    alpha_t = 1 / (sigma**2 + 1) ** 0.5
-    return alpha_t, sigma * alpha_t
+from .prediction import alpha_sigma, x0_eps
 
 
 def log_snr(sigma):
@@ -94,13 +89,8 @@ class DPMSolverMultistep(SigmaScheduler):
 
     def _convert(self, model_output, sample):
         """Model output -> x0 prediction (data prediction is what DPM-Solver++ integrates)."""
-        kind = self.config.prediction_type
-        if kind == "sample":
-            return model_output
         alpha_t, sigma_t = alpha_sigma(self.sigmas[self._step_index])
-        if kind == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        return alpha_t * sample - sigma_t * model_output
+        return x0_eps(self.config.prediction_type, model_output, sample, alpha_t, sigma_t)[0]
 
     def _first_order(self, x0, sample, noise):
         alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[self._step_index + 1])

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from .base import AlphaScheduler, require, spaced_timesteps
+from .prediction import x0_eps
 
 
 class PNDM(AlphaScheduler):
@@ -108,7 +109,7 @@ class PNDM(AlphaScheduler):
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         if self.config.prediction_type == "v_prediction":
-            model_output = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+            model_output = x0_eps("v_prediction", model_output, sample, alpha_prod_t**0.5, beta_prod_t**0.5)[1]
         sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** 0.5
         denom = alpha_prod_t * beta_prod_t_prev**0.5 + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** 0.5
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / denom

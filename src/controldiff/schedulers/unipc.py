@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from .base import SigmaScheduler, expand_to, karras_sigmas, require, sigma_to_t, spaced_timesteps, train_sigmas
-from .dpmsolver import alpha_sigma, log_snr
+from .dpmsolver import log_snr
+from .prediction import alpha_sigma, x0_eps
 
 
 class UniPC(SigmaScheduler):
@@ -67,19 +68,9 @@ class UniPC(SigmaScheduler):
 
     def _convert(self, model_output, sample):
         """x0 prediction (predict_x0, the default) or epsilon prediction."""
-        kind = self.config.prediction_type
         alpha_t, sigma_t = alpha_sigma(self.sigmas[self._step_index])
-        if self.predict_x0:
-            if kind == "epsilon":
-                return (sample - sigma_t * model_output) / alpha_t
-            if kind == "sample":
-                return model_output
-            return alpha_t * sample - sigma_t * model_output
-        if kind == "epsilon":
-            return model_output
-        if kind == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        return alpha_t * model_output + sigma_t * sample
+        x0, eps = x0_eps(self.config.prediction_type, model_output, sample, alpha_t, sigma_t)
+        return x0 if self.predict_x0 else eps
 
     def _bh_terms(self, h, rks_list, order, device):
         """Shared UniP/UniC pieces: R (Vandermonde in r_k), b, h_phi_1 and B(h)."""

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import emphasis
-from .chunks import Chunks, build_chunks, describe, empty_chunk
+from .chunks import Chunks, build_chunks, describe, empty_chunk, token_ids
+from .tokens import NO_TOKEN, prompt_token_ids
 from .weighting import SYNTAXES, Blend, Fragment, parse
 
 
@@ -76,11 +78,14 @@ class TextCond:
     ``embeds`` is (batch, chunks * L, D): long prompts have several chunks of the encoder's
     window L. ``empty`` (1, L, D) is the encoding of an empty chunk (all encoders side by
     side): conds with fewer chunks are padded with it to share a batch (``pad_to``, ``cat``).
+    ``ids`` (batch, chunks * L), when known, is the (first) tokenizer's id of the prompt token
+    at each position, ``NO_TOKEN`` at BOS, EOS and padding (see ``text/tokens.py``).
     """
 
     embeds: torch.Tensor
     pooled: Optional[torch.Tensor] = None
     empty_chunk: Optional[Union[torch.Tensor, Lazy]] = None
+    ids: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> Optional[torch.Tensor]:
@@ -94,7 +99,7 @@ class TextCond:
     def to(self, device=None, dtype=None) -> "TextCond":
         move = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
         empty = None if self.empty_chunk is None else Lazy(lambda: move(self.empty))
-        return TextCond(move(self.embeds), move(self.pooled), empty)
+        return TextCond(move(self.embeds), move(self.pooled), empty, self.ids)
 
     def pad_to(self, length: int) -> "TextCond":
         """The same conditioning padded with empty chunks to ``length`` tokens."""
@@ -107,21 +112,24 @@ class TextCond:
                              f"(empty chunk of {chunk} tokens)")
         n = (length - self.length) // empty.shape[1]
         pad = empty.to(self.embeds.device, self.embeds.dtype).repeat(self.embeds.shape[0], n, 1)
-        return TextCond(torch.cat([self.embeds, pad], dim=1), self.pooled, self.empty_chunk)
+        ids = None if self.ids is None else F.pad(self.ids, (0, length - self.length), value=NO_TOKEN)
+        return TextCond(torch.cat([self.embeds, pad], dim=1), self.pooled, self.empty_chunk, ids)
 
     def repeat(self, n: int) -> "TextCond":
         """Each prompt repeated n times in a row (num_images_per_prompt)."""
         if n == 1:
             return self
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0)
-        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty_chunk)
+        ids = None if self.ids is None else self.ids.repeat_interleave(n, dim=0)
+        return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty_chunk, ids)
 
     def tile(self, n: int) -> "TextCond":
         """The whole batch repeated n times (views, concept rows), ``empty`` kept for padding."""
         if n == 1:
             return self
         pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
-        return TextCond(self.embeds.repeat(n, 1, 1), pooled, self.empty_chunk)
+        ids = None if self.ids is None else self.ids.repeat(n, 1)
+        return TextCond(self.embeds.repeat(n, 1, 1), pooled, self.empty_chunk, ids)
 
     def zeros_like(self) -> "TextCond":
         pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
@@ -135,7 +143,8 @@ class TextCond:
         conds = [c.pad_to(length) for c in conds]
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
         empty = next((c.empty_chunk for c in conds if c.empty_chunk is not None), None)
-        return TextCond(torch.cat([c.embeds for c in conds]), pooled, empty)
+        ids = None if any(c.ids is None for c in conds) else torch.cat([c.ids for c in conds])
+        return TextCond(torch.cat([c.embeds for c in conds]), pooled, empty, ids)
 
 
 def pad_same(conds: Sequence[TextCond]) -> list[TextCond]:
@@ -243,7 +252,12 @@ class PromptEncoder:
         pooled = parts[-1].pooled if self.sdxl else None
         if self.sdxl and pooled is None:
             raise ValueError("text_encoder_2: an SDXL model needs a CLIPTextModelWithProjection as its last encoder")
-        return TextCond(embeds, pooled, empty)
+        return TextCond(embeds, pooled, empty, parts[0].ids)
+
+    def token_ids(self, text: str) -> list[int]:
+        """The first tokenizer's ids of ``text`` (no BOS/EOS), as prompts are tokenised
+        (textual-inversion tokens expanded): what ``TextCond.ids`` holds for it."""
+        return token_ids(self.tokenizers[0], [self.expand(text)])[0]
 
     # ------------------------------------------------------------------ one encoder
     def _layer(self, index: int, clip_skip: Optional[int]) -> tuple[Optional[int], bool]:
@@ -313,7 +327,7 @@ class PromptEncoder:
         mask = torch.cat([c.mask for c in chunks]) if use_mask else None
         z_all, pooled_all = self._run(index, ids, mask, layer)
 
-        encoded: list[torch.Tensor] = []  # per flat prompt: (1, k * L, D)
+        encoded: list[TextCond] = []  # per flat prompt: (1, k * L, D) with its ids
         firsts: list[Optional[torch.Tensor]] = []  # pooled output of its first chunk
         start = 0
         for flat, c in zip(flats, chunks):
@@ -324,17 +338,18 @@ class PromptEncoder:
                 z = emphasis.a1111(z, c.weights)
             elif self.syntax == "compel":
                 z = self._compel_weights(index, layer, flat, c, z, lazy_empty.get())
-            encoded.append(z.reshape(1, -1, z.shape[-1]))
+            encoded.append(TextCond(z.reshape(1, -1, z.shape[-1]), None, lazy_empty, prompt_token_ids(c.ids, c.spans)))
 
         rows, pooled_rows, i = [], [], 0
         for conj in parsed:
             parts = []
             for operand, weight in zip(conj.prompts, conj.weights):
-                if isinstance(operand, Blend):
-                    blended = pad_same([TextCond(e, None, lazy_empty) for e in encoded[i:i + len(operand.prompts)]])
+                if isinstance(operand, Blend):  # a blend's tokens are its first prompt's
+                    blended = pad_same(encoded[i:i + len(operand.prompts)])
                     first = firsts[i]
                     i += len(operand.prompts)
-                    part = emphasis.weighted_sum([b.embeds for b in blended], operand.weights, operand.normalize)
+                    embeds = emphasis.weighted_sum([b.embeds for b in blended], operand.weights, operand.normalize)
+                    part = TextCond(embeds, None, lazy_empty, blended[0].ids)
                 else:
                     part, first = encoded[i], firsts[i]
                     i += 1
@@ -342,13 +357,14 @@ class PromptEncoder:
                     pooled_rows.append(first)
                 if weight != 1:  # compel .and() weights: lerp from the empty prompt
                     empty = lazy_empty.get()[:1]
-                    blank_cond = TextCond(empty, None, empty).pad_to(part.shape[1]).embeds
-                    part = blank_cond + (part - blank_cond) * weight
+                    blank_cond = TextCond(empty, None, empty).pad_to(part.length).embeds
+                    part = TextCond(blank_cond + (part.embeds - blank_cond) * weight, None, lazy_empty, part.ids)
                 parts.append(part)
-            rows.append(TextCond(torch.cat(parts, dim=1), None, lazy_empty))
-        rows = pad_same(rows)
+            rows.append(TextCond(torch.cat([q.embeds for q in parts], dim=1), None, lazy_empty,
+                                 torch.cat([q.ids for q in parts], dim=1)))
+        cond = TextCond.cat(rows)
         pooled = None if pooled_all is None else torch.cat(pooled_rows)
-        return TextCond(torch.cat([r.embeds for r in rows]), pooled, lazy_empty)
+        return TextCond(cond.embeds, pooled, lazy_empty, cond.ids)
 
     def _compel_weights(self, index, layer, fragments, chunks: Chunks, z, empty) -> torch.Tensor:
         """compel: weights applied around the empty chunk; fragments below 1 also lerped toward
