@@ -18,6 +18,7 @@ from . import schedulers
 from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
+from .inversion import Inversion, InversionMixin
 from .loading.lora import LoraMixin
 from .loading.single_file import SingleFileMixin
 from .loading.textual_inversion import TextualInversionMixin
@@ -61,7 +62,7 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin):
+class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
@@ -242,11 +243,17 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         negative_crops_coords_top_left: tuple = (0, 0),
         aesthetic_score: Optional[float] = None,
         negative_aesthetic_score: Optional[float] = None,
+        latents: Optional[torch.Tensor] = None,
+        inversion: Optional[Inversion] = None,
     ) -> Output:
         """Generate images. Arguments left at None take the reference pipeline's default for
         this model family and task (:mod:`controldiff.defaults`: e.g. SDXL guidance 5.0,
         img2img strength 0.8, SDXL refiner aesthetic scores 6.0 / 2.5); ``out.settings``
-        records the values used. Every argument is checked before any model runs."""
+        records the values used. Every argument is checked before any model runs.
+
+        ``latents``: initial latents (txt2img), scaled by the scheduler's initial sigma as
+        diffusers does. ``inversion``: start from ``pipe.invert(...)``'s latents, with its
+        size, steps and scheduler (given values must agree)."""
         # ---- everything is checked first: no encoding, no allocation before this block ends
         prompts = _as_list(prompt, "prompt")
         if output_type not in OUTPUT_TYPES:
@@ -267,6 +274,21 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             raise ValueError("mask_image: this is an inpainting model (9 input channels): pass image and mask_image")
 
         task = task_of(self.info.kind, image, mask_image)
+        if (latents is not None or inversion is not None) and image is not None:
+            raise ValueError(f"{'latents' if latents is not None else 'inversion'}: starts generation from "
+                             "latents; image (img2img, inpainting) starts from an image: pass one")
+        if latents is not None and inversion is not None:
+            raise ValueError("latents, inversion: pass one of them, not both")
+        if inversion is not None:
+            if not isinstance(inversion, Inversion):
+                raise ValueError(f"inversion: expected what pipe.invert() returns, got {type(inversion).__name__}")
+            inversion.check(self, num_inference_steps, height, width, scheduler)
+            self._check_spread(inversion.latents, len(prompts) * num_images_per_prompt, "inversion")
+            num_inference_steps, height, width = inversion.num_inference_steps, inversion.height, inversion.width
+            scheduler = inversion.scheduler
+        if latents is not None:
+            height, width = self._latents_size(latents, height, width)
+            self._check_spread(latents, len(prompts) * num_images_per_prompt, "latents")
         d = defaults_for(self.info.family, task)
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         positive_int(steps, "num_inference_steps")
@@ -312,8 +334,9 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(steps, device=self.device)
         timesteps = sched.timesteps
-        if image is not None:
-            init = min(int(steps * strength), steps)
+        cut = strength if image is not None else (inversion.strength if inversion is not None else None)
+        if cut is not None:
+            init = min(int(steps * cut), steps)
             t_start = max(steps - init, 0)
             if steps - t_start < 1:
                 raise ValueError(f"strength: {strength} with {steps} steps leaves no step to run; "
@@ -324,12 +347,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         # ---- the work
         text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
                                     num_images_per_prompt, clip_skip)
-        ctx = Context(unet=self.unet, scheduler=sched, batch=batch, text=text, generator=generator,
-                      encode_prompt=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")),
-                                                          num_images_per_prompt, "a control's prompt"),
-                      vae=self.vae, info=self.info, height=height, width=width, timesteps=timesteps,
-                      guidance_scale=cfg.scale, decoder=self._decode, encoder=self._encode_image,
-                      tokenize=self.prompt_encoder.token_ids)
+        ctx = self._context(sched, timesteps, text, generator, num_images_per_prompt, height, width, cfg.scale)
         if sdxl:
             micro = dict(xl_only, crops_coords_top_left=crops_coords_top_left, aesthetic_score=aesthetic,
                          negative_aesthetic_score=negative_aesthetic, negative_original_size=negative_original_size,
@@ -337,17 +355,16 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
                          negative_crops_coords_top_left=negative_crops_coords_top_left)
             ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning(task, (height, width), micro, batch)
 
-        latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
-                                                  sched, generator)
-        all_controls: list[Control] = [cfg, *internal, *controls]
-        with _set_up(all_controls, ctx):
-            extra = 0 if ctx.concat is None else ctx.concat.shape[1]
-            if latents.shape[1] + extra != self.unet.config.in_channels:
-                raise ValueError(f"controls: the UNet takes {self.unet.config.in_channels} input channels "
-                                 f"({self.info.kind} model); the latents and controls give {latents.shape[1] + extra}")
-            step_kwargs = {"eta": eta} if eta else {}
-            latents, done = sample(ctx, latents, timesteps, all_controls, callback=callback,
-                                   progress=self.progress, step_kwargs=step_kwargs)
+        if inversion is not None:
+            latents, internal = self._repeat(inversion.latents.to(self.device, self.dtype), batch, "inversion"), []
+        elif latents is not None:
+            latents, internal = self._repeat(latents.to(self.device, self.dtype), batch, "latents"), []
+            latents = latents * sched.init_noise_sigma
+        else:
+            latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
+                                                      sched, generator)
+        step_kwargs = {"eta": eta} if eta else {}
+        latents, done = self._run(ctx, latents, [cfg, *internal, *controls], callback, step_kwargs)
         settings = dict(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width, task=task,
                         steps=steps, guidance_scale=cfg.scale, scheduler=scheduler or sched.name, seed=seed,
                         strength=strength, eta=eta, clip_skip=clip_skip,
@@ -363,6 +380,42 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         check_finite(decoded, "VAE decode", self.vae.dtype)
         out.images = postprocess(decoded.float(), output_type)
         return out
+
+    def _context(self, sched, timesteps, text: dict, generator, n: int, height: int, width: int,
+                 guidance_scale: float) -> Context:
+        """What the controls of one run see (``n`` images per prompt)."""
+        return Context(unet=self.unet, scheduler=sched, batch=text["cond"].embeds.shape[0], text=text,
+                       generator=generator,
+                       encode_prompt=lambda p: self._place(self.prompt_encoder.encode(_as_list(p, "prompt")), n,
+                                                           "a control's prompt"),
+                       vae=self.vae, info=self.info, height=height, width=width, timesteps=timesteps,
+                       guidance_scale=guidance_scale, decoder=self._decode, encoder=self._encode_image,
+                       tokenize=self.prompt_encoder.token_ids)
+
+    def _run(self, ctx: Context, latents: torch.Tensor, controls: list, callback, step_kwargs: dict) -> tuple:
+        """Set up the controls, check the UNet's input channels, run THE loop, tear down."""
+        with _set_up(controls, ctx):
+            extra = 0 if ctx.concat is None else ctx.concat.shape[1]
+            if latents.shape[1] + extra != self.unet.config.in_channels:
+                raise ValueError(f"controls: the UNet takes {self.unet.config.in_channels} input channels "
+                                 f"({self.info.kind} model); the latents and controls give {latents.shape[1] + extra}")
+            return sample(ctx, latents, ctx.timesteps, controls, callback=callback, progress=self.progress,
+                          step_kwargs=step_kwargs)
+
+    def _latents_size(self, latents, height, width) -> tuple[int, int]:
+        """(height, width) in pixels that ``latents`` fit; given sizes must agree."""
+        f, c = self.latent_factor, self.vae.config.latent_channels
+        if not torch.is_tensor(latents) or latents.ndim != 4 or latents.shape[1] != c:
+            shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents: expected a tensor (batch, {c}, height/{f}, width/{f}), got {shape}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents: contains NaN or infinite values")
+        size = (latents.shape[2] * f, latents.shape[3] * f)
+        for name, given, fits in (("height", height, size[0]), ("width", width, size[1])):
+            if given is not None and given != fits:
+                raise ValueError(f"{name}: {given} does not fit latents of shape {tuple(latents.shape)} "
+                                 f"({fits} pixels)")
+        return size
 
     def _default_size(self, height, width, image, controls) -> tuple[int, int]:
         """Checked (height, width): given, else the image's, a control's or the model's size,
@@ -427,9 +480,13 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             randn_tensor((n, *shape), generator, self.device, self.vae.dtype)
 
     @staticmethod
-    def _repeat(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-        if t.shape[0] == batch:
-            return t
+    def _check_spread(t: torch.Tensor, batch: int, name: str) -> None:
         if batch % t.shape[0]:
             raise ValueError(f"{name}: {t.shape[0]} images cannot be spread over a batch of {batch}")
+
+    @classmethod
+    def _repeat(cls, t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+        if t.shape[0] == batch:
+            return t
+        cls._check_spread(t, batch, name)
         return t.repeat(batch // t.shape[0], 1, 1, 1)
