@@ -15,12 +15,13 @@ from .controls.sag import SAG
 from .controls.sega import SEGA, Concept
 from .controls.t2i_adapter import T2IAdapter
 from .loading.control_models import load_controlnet, load_t2i_adapter
+from .inversion import Inversion
 from .pipeline import Output, Pipeline
 from .sampling.control import Branch, Context, Control, ModelCall, Step, View
 from .schedulers import NAMES as SCHEDULERS
 
 __all__ = [
-    "Pipeline", "Output", "SCHEDULERS",
+    "Pipeline", "Output", "Inversion", "SCHEDULERS",
     "SEGA", "Concept", "SAG", "PAG", "ControlNet", "T2IAdapter", "load_controlnet", "load_t2i_adapter",
     "MultiDiffusion", "Regions", "Region", "InstructPix2Pix", "Depth",
     "Control", "Branch", "Context", "ModelCall", "Step", "View",
