@@ -23,6 +23,7 @@ from .loading.lora import LoraMixin
 from .loading.single_file import SingleFileMixin
 from .loading.textual_inversion import TextualInversionMixin
 from .defaults import default_strength, defaults_for, task_of
+from .diffedit import DiffEditMixin
 from .images import as_batch, image_size, postprocess, preprocess_image, preprocess_mask
 from .memory import check_fits
 from .model_editing import ModelEditingMixin
@@ -62,7 +63,7 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin):
+class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin, DiffEditMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
