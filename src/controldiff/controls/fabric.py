@@ -115,6 +115,7 @@ class FABRIC(Control):
         for name, batches in self._images.items():  # liked first, then disliked, as the reference
             if batches:
                 images = torch.cat([preprocess_image(b, ctx.height, ctx.width, name) for b in batches])
+                images = images.contiguous()  # PIL input arrives channels-last: one layout, the same bits
                 parts.append(ctx.encode_image(images, generator))
                 self._counts[name] = images.shape[0]
         self._latents = torch.cat(parts)
