@@ -175,6 +175,7 @@ class Context:
     encoder: Optional[Callable[..., torch.Tensor]] = None             # see encode_image()
     tokenize: Optional[Callable[[str], list]] = None  # text -> token ids (first tokenizer, no BOS/EOS)
     extras: Dict[str, Any] = field(default_factory=dict)  # free for user controls to share state
+    step_kwargs: Dict[str, Any] = field(default_factory=dict)  # this run's extra scheduler.step arguments (eta), set by the loop
 
     @property
     def device(self) -> torch.device:

@@ -84,6 +84,7 @@ def sample(
     that step, on an accelerator after the loop: see :class:`StepWatch`).
     """
     step_kwargs = step_kwargs or {}
+    ctx.step_kwargs = step_kwargs   # for controls that step a scheduler copy (Pix2PixZero's reference pass)
     owner = _views_owner(controls)
     count = len(timesteps)
     done = 0
