@@ -70,6 +70,15 @@ def test_mask_equals_generate_mask(ref, sd1, images, source, target, kw):
     assert (got - torch.from_numpy(expected).float()).abs().max() <= TOL
 
 
+def test_mask_with_a_generator_per_draw_equals_generate_mask(ref, sd1):
+    images, source, target = [photo(1), photo(2)], ["a cat", "a bowl"], ["a dog", "a vase"]
+    kw = dict(num_maps_per_mask=3, num_inference_steps=6, mask_thresholding_ratio=2.0)
+    expected = ref.generate_mask(image=images, source_prompt=source, target_prompt=target,
+                                 generator=[gen(i) for i in range(6)], **kw)
+    got = ours(sd1).diffedit_mask(images, source, target, generator=[gen(i) for i in range(6)], **kw)
+    assert 0 < expected.mean() < 1 and torch.equal(got, torch.from_numpy(expected).float())
+
+
 def as_list(p):
     return [p] if isinstance(p, str) else p
 
@@ -285,7 +294,7 @@ def counted(pipe, monkeypatch):
     return calls
 
 
-def test_bad_control_arguments(pipe, tiny_model):
+def test_bad_control_arguments(pipe):
     inv = pipe.invert(photo(1), "a cat", num_inference_steps=4, seed=0)
     with pytest.raises(ValueError, match=r"mask: size \(5, 5\) \(h, w\) is neither the inverted image's \(64, 64\)"):
         DiffEdit(torch.ones(5, 5), inv)

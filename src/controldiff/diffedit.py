@@ -9,6 +9,13 @@ One UNet call over all branches (source and target, each with its negative promp
 guided), for ``num_maps_per_mask`` noise draws per image. The differences are compared as
 noise (epsilon): for v- or x0-predicting models the raw outputs differ from it by one
 factor per step, which the relative threshold cancels, so the mask is the same either way.
+
+Where we differ from the reference: it unpacks ``encode_prompt``'s (prompt, negative) as
+(negative, prompt), so it guides each prompt towards its negative; with equal negative
+prompts (the default) that only scales the difference and the masks agree, with
+different ones its mask is ours with each prompt and its negative swapped. It fails
+without guidance (``guidance_scale`` <= 1) and marks everything when the two predictions
+are identical (0/0); ours runs unguided and returns an empty mask.
 """
 from __future__ import annotations
 
@@ -21,8 +28,10 @@ from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .defaults import defaults_for
 from .images import as_batch, preprocess_image
+from .models.vae import DiagonalGaussian
 from .noise import check_generator, check_seed, randn_tensor
 from .sampling.control import Step
+from .sampling.finite import check_finite
 from .text.encode import TextCond, as_list
 
 
@@ -35,6 +44,16 @@ def _count(value, name: str, batch: int) -> None:
 
 class DiffEditMixin:
     """``Pipeline.diffedit_mask``."""
+
+    def _encode_repeated(self, pixels: torch.Tensor, maps: int, generator) -> torch.Tensor:
+        """Latents of each image ``maps`` times, each a separate posterior sample: the draws of
+        encoding the repeated images (the reference's way), for one VAE pass per image."""
+        pixels = pixels.to(self.device, self.vae.dtype)
+        posterior = DiagonalGaussian(self.vae.encode(pixels).parameters.repeat_interleave(maps, dim=0))
+        latents = posterior.sample(generator)
+        check_finite(latents, "VAE encode (image)", self.vae.dtype)
+        shift = self.vae.config.get("shift_factor") or 0.0   # scaled as Pipeline._encode_image
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
     def diffedit_mask(
@@ -120,8 +139,8 @@ class DiffEditMixin:
                          negative_target_size=None, aesthetic_score=d.aesthetic_score,
                          negative_aesthetic_score=d.negative_aesthetic_score)
             ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning("img2img", (height, width), micro, rows)
-        pixels = preprocess_image(image, height, width).repeat_interleave(maps, dim=0)
-        latents = self._repeat(self._encode_image(pixels, generator), rows, "image")
+        latents = self._repeat(self._encode_repeated(preprocess_image(image, height, width), maps, generator),
+                               rows, "image")
         noise = randn_tensor(latents.shape, generator, self.device, self.dtype)
         t = ctx.timesteps[0]
         noised = sched.add_noise(latents, noise, ctx.timesteps[:1].repeat(rows))
