@@ -176,11 +176,16 @@ def test_one_short_pass_for_all_images_maps_only_at_the_sites_read(sd1, monkeypa
     """Per step: one attention pass for both images, explicit softmax only at the 8x8 cross-
     attention sites (2 down, 3 up), none in the main call; the pass stops at the last one."""
     _, mine = sd1
-    probs = []
+    probs, ran = [], []
     original = Attention.probs
-    monkeypatch.setattr(Attention, "probs", lambda self, *a, **k: probs.append(self.site.name) or original(self, *a, **k))
-    ran = []
-    handles = [a.register_forward_pre_hook(lambda m, *_: ran.append(m.site.name)) for a in mine.unet.attention_sites().values()]
+
+    def counted(self, *args, **kwargs):
+        probs.append(self.site.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "probs", counted)
+    handles = [a.register_forward_pre_hook(lambda m, *_: ran.append(m.site.name))
+               for a in mine.unet.attention_sites().values()]
     calls = Calls(mine.unet)
     mine(PROMPT, generator=gen(), num_inference_steps=1, guidance_scale=7.5, output_type="latent",
          num_images_per_prompt=2, scheduler="ddim", controls=[AttendAndExcite(["dog"], thresholds={}, attn_res=(8, 8))])
@@ -241,7 +246,7 @@ def no_unet(sd1, monkeypatch):
     (PROMPT, [40], (8, 8), "position 40"),              # padding
     (PROMPT, [77], (8, 8), "position 77"),              # out of range
     (PROMPT, ["frog"], (8, 8), "'frog' is not a word"),
-    ([PROMPT, "a frog"], [["cat"]], (8, 8), "do not come in 1 groups"),
+    ([PROMPT, "a frog"], [["cat"]], (8, 8), "do not come in 1 group"),
     ([PROMPT, "a frog"], [["cat"], ["frog"], ["dog"]], (8, 8), "3 lists for a batch of 2"),
     (PROMPT, ["dog"], (16, 16), r"attn_res: \(16, 16\) matches no .* \(8, 8\), \(4, 4\)"),
     (PROMPT, ["dog"], None, r"attn_res: \(2, 2\) matches no"),   # the reference's default at 64 pixels

@@ -13,8 +13,8 @@ Same numbers as the reference, less work: one pass for all images instead of one
 image, cut short after the last site it reads (the rest of the UNet would not change the
 loss); explicit-softmax maps only at those sites (every other attention keeps its SDPA
 path); refinement passes only for the images still under their threshold, the first one
-being the step's own pass. No pass at all where the reference's changes nothing (steps
-past ``max_iter_to_alter`` outside ``thresholds``, ``scale_factor=0``).
+being the step's own pass. No pass where the reference's changes nothing (steps past
+``max_iter_to_alter``, except refinement at threshold steps, and ``scale_factor=0``).
 
 Reference behaviours kept: the UNet input of these passes is the raw latents, not
 ``scheduler.scale_model_input`` of them (a difference for Euler-type schedulers only);
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Optional, Sequence, Union
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from ..text.encode import TextCond
 from ..text.tokens import NO_TOKEN
 
 REFINEMENT_STEPS = 20   # the reference's max_refinement_steps
+DEFAULT_THRESHOLDS = MappingProxyType({0: 0.05, 10: 0.5, 20: 0.8})   # the reference's (read-only)
 Token = Union[int, str]
 
 
@@ -71,12 +73,18 @@ def _check_tokens(items, name: str) -> list:
 class AttendAndExcite(Control):
     """``token_indices``: the subject tokens, as positions in the tokenized prompt (BOS at 0,
     as the reference) or words of the prompt (all their tokens, every occurrence); one list
-    for every prompt, or a list of lists, one per prompt of the batch."""
+    for every prompt, or a list of lists, one per prompt of the batch.
+
+    ``max_iter_to_alter``: the steps with index below it take the gradient step;
+    ``thresholds``: step index -> the max attention the refinement aims for at that step
+    (``{}``: none); ``scale_factor``: the step size, times sqrt(linspace(1, 0.5)) over the
+    run; ``attn_res``: the map size read, (16, 16) for SD1/SD2 at 512 px, (32, 32) for SDXL
+    at 1024 px; None: the reference's (ceil(width / 32), ceil(height / 32)).
+    """
 
     def __init__(self, token_indices: Union[Sequence[Token], Sequence[Sequence[Token]]],
-                 max_iter_to_alter: int = 25, thresholds: Optional[dict] = None,
+                 max_iter_to_alter: int = 25, thresholds: Mapping[int, float] = DEFAULT_THRESHOLDS,
                  scale_factor: float = 20, attn_res: Optional[tuple] = (16, 16)):
-        thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else thresholds
         nested = isinstance(token_indices, (list, tuple)) and bool(token_indices) and all(
             isinstance(v, (list, tuple)) for v in token_indices)
         if nested:
@@ -85,7 +93,7 @@ class AttendAndExcite(Control):
             token_indices = _check_tokens(token_indices, "token_indices")
         if not _is_int(max_iter_to_alter) or max_iter_to_alter < 0:
             raise ValueError(f"max_iter_to_alter: expected a non-negative integer, got {max_iter_to_alter!r}")
-        if not isinstance(thresholds, dict):
+        if not isinstance(thresholds, Mapping):
             raise ValueError(f"thresholds: expected a dict of step index -> threshold, got {thresholds!r}")
         for k, v in thresholds.items():
             if not _is_int(k) or k < 0:
@@ -164,8 +172,8 @@ class AttendAndExcite(Control):
                              "give one list per prompt")
         per = batch // len(groups)
         if nested and ids is not None and any(ids[r] != ids[r - r % per] for r in range(batch)):
-            raise ValueError(f"token_indices: got {len(groups)} lists, but the batch's prompts do not come in "
-                             f"{len(groups)} groups; give one list per prompt")
+            raise ValueError(f"token_indices: {len(groups)} list(s) for {batch} images, but the images do not "
+                             f"come in {len(groups)} group(s) of one prompt; give one list per prompt")
         rows = []
         for r in range(batch):
             who = f"prompt {r // per}" if nested else f"the prompt of image {r}"
@@ -221,16 +229,15 @@ class AttendAndExcite(Control):
             active = active & (loss > target)
             if not bool(active.any()):
                 break
-        loss, grad = self._loss_grad(ctx, step, x, rows, need_grad=alter)   # the pass for the regular step
+        if alter:   # the pass the regular step takes its gradient from (the reference's result is unused otherwise)
+            loss, grad = self._loss_grad(ctx, step, x, rows)
         return x, loss, grad
 
-    def _loss_grad(self, ctx, step, x, rows, need_grad=True):
+    def _loss_grad(self, ctx, step, x, rows):
         """Per image: the loss ``max(0, 1 - min max attention)`` and its gradient in ``x``."""
         x = x.detach().requires_grad_(True)
         best = (1.0 - self.max_attention(ctx, step, x, rows)).max(dim=1).values
         loss = torch.where(best > 0, best, torch.zeros_like(best))
-        if not need_grad:
-            return loss.detach(), torch.zeros_like(x)
         grad = torch.autograd.grad(loss.sum(), x)[0] if bool((loss > 0).any()) else torch.zeros_like(x)
         return loss.detach(), grad
 
