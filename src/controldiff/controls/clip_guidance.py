@@ -12,8 +12,9 @@ scheduler keeps as latents, the line the reference draws between its schedulers:
 - k-diffusion latents x / alpha (LMS, Euler, Euler a, Heun): the latents move by
   ``sigma**2 / alpha * g`` (= k**2 * the latents' gradient), the prediction stays and x0 is
   decoded. The move is added after the scheduler step, which is the reference's move before
-  it for steps of the form ``latents + f(eps)`` (LMS, Euler, Euler a); before_step cannot do it
-  as the reference does: the model's prediction must still see the unmoved latents.
+  it for steps of the form ``latents + f(eps)`` (LMS, Euler, Euler a; Heun's full step keeps
+  the move of its second half, moving before would keep its first's). before_step could not do
+  it as the reference does: the model's prediction must still see the unmoved latents.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..text.encode import TextCond, as_list
 from ..text.tokens import NO_TOKEN
 from .sag import _rows_of  # the batch rows of a UNet keyword argument
 
-# OpenAI CLIP's image normalisation (every CLIPImageProcessor of the OpenAI and LAION models)
+# OpenAI CLIP's image normalisation (the OpenAI and LAION CLIP image processors use it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
