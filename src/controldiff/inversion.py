@@ -6,7 +6,8 @@ DDIM inversion is diffusers' ``DDIMInverseScheduler`` driven by THE loop, so the
 encoding, LoRA, embeddings and controls are those of generation. The optional
 regularisation of the noise predictions towards i.i.d. Gaussian noise (auto-correlation
 and KL terms, Pix2Pix-Zero's ``invert``; DiffEdit borrows it) is a control on the
-combined prediction.
+combined prediction. ``method="ddpm"``: the edit-friendly DDPM inversion of LEDITS++
+(:mod:`.inversion_ddpm`), whose noise maps generation replays.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .sampling.control import Control
 from .schedulers.ddim_inverse import DDIMInverse
 from .text.encode import as_list
 
-METHODS = ("ddim",)
+METHODS = ("ddim", "ddpm")
 
 
 @dataclass
@@ -44,6 +45,15 @@ class Inversion:
     method: str = "ddim"
     model: str = ""              # the model folder it was made with (empty when unknown)
     settings: dict = field(default_factory=dict)
+    noise: Optional[torch.Tensor] = None  # (B, S, C, h, w) "ddpm": each step's noise map, replayed by generation
+
+    def make_scheduler(self, pipe):
+        """The scheduler generation from this inversion steps with (DDPM: one replaying the noise maps)."""
+        if self.noise is None:
+            return pipe.make_scheduler(self.scheduler)
+        from .inversion_ddpm import replay_scheduler
+
+        return replay_scheduler(pipe, self)
 
     def check(self, pipe, steps: Optional[int], height: Optional[int], width: Optional[int],
               scheduler: Optional[str]) -> None:
@@ -137,6 +147,16 @@ def _non_negative_int(value, name: str) -> int:
 class InversionMixin:
     """``Pipeline.invert``."""
 
+    def _inversion_time_ids(self, ctx, height: int, width: int, batch: int) -> None:
+        """SDXL's micro-conditioning for an inversion: the image's own size, no crop."""
+        if self.info.family == "sdxl":
+            d = defaults_for("sdxl", "img2img")
+            micro = dict(original_size=None, target_size=None, crops_coords_top_left=(0, 0),
+                         negative_crops_coords_top_left=(0, 0), negative_original_size=None,
+                         negative_target_size=None, aesthetic_score=d.aesthetic_score,
+                         negative_aesthetic_score=d.negative_aesthetic_score)
+            ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning("img2img", (height, width), micro, batch)
+
     @torch.no_grad()
     def invert(
         self,
@@ -159,6 +179,10 @@ class InversionMixin:
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None,
         prompt_2=None,
         negative_prompt_2=None,
+        source_guidance_scale: Optional[float] = None,
+        skip: Optional[float] = None,
+        scheduler: Optional[str] = None,
+        num_zero_noise_steps: Optional[int] = None,
     ) -> Inversion:
         """Invert ``image`` (one per prompt, or one for all) to the noise that regenerates it.
 
@@ -166,11 +190,28 @@ class InversionMixin:
         ``inpaint_strength``); ``num_reg_steps`` > 0 regularises every noise prediction
         (Pix2Pix-Zero's ``invert`` uses 5). ``seed``/``generator`` sample the VAE posterior
         and the regulariser's rolls, as the reference. Everything is checked first; a
-        callback returning False cancels with a RuntimeError (half an inversion is no use)."""
+        callback returning False cancels with a RuntimeError (half an inversion is no use).
+
+        ``method="ddpm"`` (LEDITS++'s edit-friendly inversion, :mod:`.inversion_ddpm`): runs
+        ``num_inference_steps`` of ``int(num_inference_steps * (1 + skip))`` (``skip``: default
+        0.15), guided by ``source_guidance_scale`` (default 3.5; none for the empty prompt) with
+        ``scheduler`` "ddim" or "dpmpp_2m_sde" (default: "ddim" for a DDIM model folder);
+        ``num_zero_noise_steps`` final steps regenerate without noise (default 3 on SDXL, else 0)."""
         prompts = as_list(prompt, "prompt")
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         positive_int(num_inference_steps, "num_inference_steps")
+        ddpm_only = dict(source_guidance_scale=source_guidance_scale, skip=skip, scheduler=scheduler,
+                         num_zero_noise_steps=num_zero_noise_steps)
+        if method == "ddpm":
+            from .inversion_ddpm import invert_ddpm, plan
+
+            ddpm = plan(self, prompts, image, num_inference_steps, guidance_scale, strength, num_reg_steps,
+                        **ddpm_only)
+            prompts = ddpm.prompts
+        elif any(v is not None for v in ddpm_only.values()):
+            names = "/".join(k for k, v in ddpm_only.items() if v is not None)
+            raise ValueError(f"{names}: only for method='ddpm'")
         cfg = CFG(finite_number(guidance_scale, "guidance_scale"))
         if not is_number(strength) or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength: expected a value in (0, 1], got {strength!r}")
@@ -196,6 +237,9 @@ class InversionMixin:
         for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
                             ("negative_prompt_2", negative_prompt_2)):
             self.prompt_encoder.check(value, name)
+        if method == "ddpm":
+            return invert_ddpm(self, ddpm, image, height, width, generator, seed, negative_prompt, prompt_2,
+                               negative_prompt_2, controls, clip_skip, callback)
         sched = DDIMInverse(self.scheduler_config)
         sched.set_timesteps(num_inference_steps, device=self.device)
         t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
@@ -206,13 +250,7 @@ class InversionMixin:
         # ---- the work
         text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled, 1, clip_skip)
         ctx = self._context(sched, timesteps, text, generator, 1, height, width, cfg.scale)
-        if self.info.family == "sdxl":
-            d = defaults_for("sdxl", "img2img")
-            micro = dict(original_size=None, target_size=None, crops_coords_top_left=(0, 0),
-                         negative_crops_coords_top_left=(0, 0), negative_original_size=None,
-                         negative_target_size=None, aesthetic_score=d.aesthetic_score,
-                         negative_aesthetic_score=d.negative_aesthetic_score)
-            ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning("img2img", (height, width), micro, batch)
+        self._inversion_time_ids(ctx, height, width, batch)
         latents = self._repeat(self._encode_image(preprocess_image(image, height, width), generator), batch, "image")
         trajectory = _Trajectory()
         regularizer = NoiseRegularizer(lambda_auto_corr, lambda_kl, num_reg_steps, num_auto_corr_rolls)

@@ -332,7 +332,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             self.prompt_encoder.check(value, name)
 
         # timesteps
-        sched = self.make_scheduler(scheduler)
+        sched = self.make_scheduler(scheduler) if inversion is None else inversion.make_scheduler(self)
         sched.set_timesteps(steps, device=self.device)
         timesteps = sched.timesteps
         cut = strength if image is not None else (inversion.strength if inversion is not None else None)

@@ -33,7 +33,9 @@ class DDIM(AlphaScheduler):
     def _alpha_prev(self, prev_timestep):
         return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
 
-    def step(self, model_output, timestep, sample, generator=None, eta: float = 0.0):
+    def step(self, model_output, timestep, sample, generator=None, eta: float = 0.0, variance_noise=None):
+        """``variance_noise``: the noise of an ``eta > 0`` step, instead of drawing it from
+        ``generator`` (edit-friendly DDPM inversion replays its noise maps so)."""
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps must be called before step")
         prev_timestep = timestep - self._stride
@@ -48,7 +50,8 @@ class DDIM(AlphaScheduler):
         direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * eps
         prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
         if eta > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             prev_sample = prev_sample + std_dev_t * noise
         self.pred_original_sample = x0
         return prev_sample

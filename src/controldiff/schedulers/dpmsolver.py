@@ -146,7 +146,8 @@ class DPMSolverMultistep(SigmaScheduler):
             + alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2 \
             + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
 
-    def step(self, model_output, timestep, sample, generator=None, eta: float = 0.0):
+    def step(self, model_output, timestep, sample, generator=None, eta: float = 0.0, variance_noise=None):
+        """``variance_noise``: the SDE variant's noise, instead of drawing it from ``generator``."""
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps must be called before step")
         if self._step_index is None:
@@ -159,7 +160,9 @@ class DPMSolverMultistep(SigmaScheduler):
         self.model_outputs = self.model_outputs[1:] + [x0]
         sample = sample.to(torch.float32)
         noise = None
-        if cfg.algorithm_type == "sde-dpmsolver++":
+        if cfg.algorithm_type == "sde-dpmsolver++" and variance_noise is not None:
+            noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+        elif cfg.algorithm_type == "sde-dpmsolver++":
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
             prev_sample = self._first_order(x0, sample, noise)
