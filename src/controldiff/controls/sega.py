@@ -5,6 +5,9 @@ Each ``Concept`` is one extra branch (its prompt) in the same batched model call
 CFG's result, with the reference's (diffusers' ``SemanticStableDiffusionPipeline``)
 warmup, cooldown, per-channel quantile threshold, weights and momentum. Everything is
 computed on the latents' device; momentum lives for one run (reset in ``setup``).
+
+LEDITS++ (``controls/ledits.py``) extends this class: same concepts, branches and guidance
+term (:meth:`SEGA.guidance`), its own masks and accumulation.
 """
 from __future__ import annotations
 
@@ -73,8 +76,13 @@ class SEGA(Control):
         if "uncond" not in ctx.text:
             raise ValueError("guidance_scale: SEGA needs classifier-free guidance (guidance_scale > 1), "
                              "its guidance is measured from the unconditional prediction")
+        self.prepare_concepts(ctx)
+
+    def prepare_concepts(self, ctx) -> None:
+        """Check the concepts against this run and encode their prompts (one branch each)."""
         if ctx.encode_prompt is None:
-            raise ValueError("concepts: SEGA needs a context that can encode prompts (ctx.encode_prompt)")
+            raise ValueError(f"concepts: {type(self).__name__} needs a context that can encode prompts "
+                             "(ctx.encode_prompt)")
         for c in self.concepts:
             if c.warmup >= ctx.steps:
                 raise ValueError(f"Concept.warmup: {c.warmup} for {c.prompt!r} is at or past the {ctx.steps} timesteps "
@@ -89,6 +97,13 @@ class SEGA(Control):
     def branches(self, ctx, step):
         return [Branch(name, text) for name, text in self._text.items()]
 
+    def guidance(self, preds, base: torch.Tensor, c: Concept) -> torch.Tensor:
+        """The concept's raw guidance: its prediction minus ``base``, reversed, scaled."""
+        guide = preds[self.branch_name(c)] - base
+        if c.reverse:
+            guide = guide * -1
+        return guide * c.scale
+
     def combine(self, ctx, step, preds, pred):
         uncond = preds["uncond"]
         i, n = step.index, len(self.concepts)
@@ -100,11 +115,8 @@ class SEGA(Control):
                 warm.append(k)
             if c.cooldown is not None and i >= c.cooldown:
                 continue
-            guide = preds[self.branch_name(c)] - uncond
+            guide = self.guidance(preds, uncond, c)
             weights[k, :] = 1.0 if c.weight is None else c.weight
-            if c.reverse:
-                guide = guide * -1
-            guide = guide * c.scale
             mag = guide.abs().flatten(start_dim=2)  # per sample and channel, over latent pixels
             q = torch.quantile(mag.float(), c.threshold, dim=2).to(guide.dtype)
             edits[k] = torch.where(guide.abs() >= q[:, :, None, None], guide, torch.zeros_like(guide))
