@@ -117,7 +117,8 @@ def _check_projections(model) -> None:
 
 
 class CLIPGuidance(Control):
-    """Guide towards ``prompt`` (None: each image's generation prompt) with CLIP.
+    """Guide towards ``prompt`` with CLIP: None, each image's generation prompt (``prompt``,
+    not ``prompt_2``); a string, every image; a list, one per generation prompt.
 
     ``clip_model``: a transformers ``CLIPModel`` (run on its own device) or its folder (loaded
     from safetensors, moved to the pipeline's device). The CLIP text model reads the
@@ -126,6 +127,8 @@ class CLIPGuidance(Control):
     image normalisation; default the folder's ``preprocessor_config.json``, else OpenAI
     CLIP's. Images are cut to the vision model's ``image_size``. ``generator``: for the
     cutouts' random sizes and places (None: torch's global generator, as the reference).
+    The loss is each image's mean over its cutouts, summed over images (the reference
+    averages over the batch without cutouts: the same for one image).
     """
 
     def __init__(self, clip_model, prompt: Union[str, Sequence[str], None] = None, scale: float = 100.0,
