@@ -117,7 +117,8 @@ def test_image_forms_agree(sd1, tmp_path):
     path = tmp_path / "liked.png"
     IMAGES[0].save(path)
     kw = dict(num_inference_steps=3, guidance_scale=6.0, output_type="np", **SIZE)
-    runs = [mine("a cat", generator=gen(2), controls=[FABRIC(liked=form, disliked=[np.asarray(IMAGES[1])])], **kw).images
+    disliked = [np.asarray(IMAGES[1])]
+    runs = [mine("a cat", generator=gen(2), controls=[FABRIC(liked=form, disliked=disliked)], **kw).images
             for form in ([str(path)], [IMAGES[0]], np.asarray(IMAGES[0]))]
     assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[1], runs[2])
 
