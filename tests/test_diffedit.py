@@ -304,6 +304,9 @@ def test_bad_control_arguments(pipe):
         DiffEdit(torch.full((8, 8), 2.0), inv)
     with pytest.raises(ValueError, match="inversion: expected what pipe.invert"):
         DiffEdit(torch.ones(8, 8), inv.latents)
+    ddpm = pipe.invert(photo(1), "a cat", num_inference_steps=2, method="ddpm", seed=0)
+    with pytest.raises(ValueError, match="inversion: DiffEdit follows a DDIM inversion's trajectory"):
+        DiffEdit(torch.ones(8, 8), ddpm)
 
 
 def test_generation_must_be_the_inversions(pipe, tiny_model, counted):

@@ -26,7 +26,6 @@ import torch
 
 from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
-from .defaults import defaults_for
 from .images import as_batch, preprocess_image
 from .models.vae import DiagonalGaussian
 from .noise import check_generator, check_seed, randn_tensor
@@ -132,13 +131,7 @@ class DiffEditMixin:
 
         source, target = encode(sources, source_negative_prompt), encode(targets, target_negative_prompt)
         ctx = self._context(sched, sched.timesteps[begin:begin + 1], target, generator, maps, height, width, cfg.scale)
-        if self.info.family == "sdxl":  # the micro-conditioning of pipe.invert: that of img2img
-            d = defaults_for("sdxl", "img2img")
-            micro = dict(original_size=None, target_size=None, crops_coords_top_left=(0, 0),
-                         negative_crops_coords_top_left=(0, 0), negative_original_size=None,
-                         negative_target_size=None, aesthetic_score=d.aesthetic_score,
-                         negative_aesthetic_score=d.negative_aesthetic_score)
-            ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning("img2img", (height, width), micro, rows)
+        self._inversion_time_ids(ctx, height, width, rows)  # SDXL: the micro-conditioning of pipe.invert
         latents = self._repeat(self._encode_repeated(preprocess_image(image, height, width), maps, generator),
                                rows, "image")
         noise = randn_tensor(latents.shape, generator, self.device, self.dtype)

@@ -55,6 +55,9 @@ class DiffEdit(Control):
     def __init__(self, mask, inversion: Inversion):
         if not isinstance(inversion, Inversion):
             raise ValueError(f"inversion: expected what pipe.invert() returns, got {type(inversion).__name__}")
+        if inversion.method != "ddim":
+            raise ValueError(f"inversion: DiffEdit follows a DDIM inversion's trajectory (pipe.invert(method='ddim')), "
+                             f"got method {inversion.method!r}")
         self.mask = mask
         self.inversion = inversion
         self._latent_mask = latent_mask(mask, inversion)
