@@ -208,6 +208,22 @@ def test_composes_with_sag(sd1):
     assert torch.isfinite(both).all() and (both - sag).abs().max() > 1e-3 and (both - alone).abs().max() > 1e-3
 
 
+def test_inpainting_model_gets_its_mask_channels(tiny_model):
+    """A 9-channel UNet: the attention passes append the context's mask and image channels."""
+    import PIL.Image
+
+    mine = ours(tiny_model("sd1", in_channels=9))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    kw = dict(image=PIL.Image.fromarray(image), mask_image=PIL.Image.fromarray(mask), num_inference_steps=2,
+              output_type="latent", scheduler="ddim")
+    plain = mine(PROMPT, generator=gen(), **kw).images
+    got = mine(PROMPT, generator=gen(), controls=[AttendAndExcite(["dog"], scale_factor=2000, attn_res=(8, 8))],
+               **kw).images
+    assert torch.isfinite(got).all() and (got - plain).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- errors
 
 
