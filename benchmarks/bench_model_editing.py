@@ -67,8 +67,8 @@ def main(argv=None):
         results["ours"].append(timed(lambda: ours.edit_model(SOURCE, DESTINATION, lamb=0.1)))
         ours.reset_model_edits()
     o, d = min(results["ours"]), min(results["diffusers"])
-    print(f"| model | cross-attention layers | ours s | diffusers s | time ratio | peak MB ours | peak MB diffusers |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | cross-attention layers | ours s | diffusers s | time ratio | peak MB ours | peak MB diffusers |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.model} | {layers} | {o[0]:.3f} | {d[0]:.3f} | **{o[0] / d[0]:.2f}** | {o[1]:.0f} | {d[1]:.0f} |")
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import controldiff as cd
 from controldiff import tiny
 from controldiff.controls.clip_guidance import CLIP_MEAN, CLIP_STD, CLIPGuidance
 from controldiff.controls.multidiffusion import MultiDiffusion

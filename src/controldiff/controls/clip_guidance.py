@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from ..checks import finite_number, is_number, positive_int
 from ..sampling.control import Control
 from ..schedulers.base import KSigmaScheduler
-from ..text.encode import TextCond, as_list
+from ..text.encode import as_list
 from ..text.tokens import NO_TOKEN
-from .sag import _rows_of  # the batch rows of a UNet keyword argument
 
 # OpenAI CLIP's image normalisation (the OpenAI and LAION CLIP image processors use it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -253,10 +252,7 @@ class CLIPGuidance(Control):
 
     def _gradient(self, ctx, step, call, rows, x, sigma) -> torch.Tensor:
         """-d(scale * loss)/dx through the cond prediction, the VAE decoder and CLIP."""
-        added = call.kwargs.get("added_cond_kwargs")
-        text = TextCond(call.embeds[rows], None if added is None else added["text_embeds"][rows])
-        time_ids = None if added is None else added["time_ids"][rows]
-        extra = {k: _rows_of(v, rows) for k, v in call.kwargs.items() if k != "added_cond_kwargs"}
+        text, time_ids, extra = call.branch_inputs("cond")
         with torch.enable_grad():
             x = x.detach().requires_grad_()
             inp = torch.cat([x, call.x[rows, x.shape[1]:]], dim=1) if call.x.shape[1] > x.shape[1] else x

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling.control import Control
-from ..text.encode import TextCond
 
 SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
 
@@ -32,17 +31,6 @@ def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0
     k2 = torch.mm(k[:, None], k[None, :]).expand(img.shape[-3], 1, kernel_size, kernel_size)
     pad = kernel_size // 2
     return F.conv2d(F.pad(img, [pad] * 4, mode="reflect"), k2, groups=img.shape[-3])
-
-
-def _rows_of(value, rows: slice):
-    """The batch rows of a UNet keyword argument (residual tensors, lists of them)."""
-    if torch.is_tensor(value):
-        return value[rows]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_rows_of(v, rows) for v in value)
-    if isinstance(value, dict):
-        return {k: _rows_of(v, rows) for k, v in value.items()}
-    return value
 
 
 class SAG(Control):
@@ -97,10 +85,7 @@ class SAG(Control):
         self._probs = None
         if call.x.shape[1] > channels:   # extra input channels (inpainting): as the branch had them
             degraded = torch.cat([degraded, call.x[rows, channels:]], dim=1)
-        added = call.kwargs.get("added_cond_kwargs")
-        text = TextCond(call.embeds[rows], None if added is None else added["text_embeds"][rows])
-        time_ids = None if added is None else added["time_ids"][rows]
-        extra = {k: _rows_of(v, rows) for k, v in call.kwargs.items() if k != "added_cond_kwargs"}
+        text, time_ids, extra = call.branch_inputs(src)
         degraded_pred = ctx.run_unet(degraded, step.t, text, time_ids=time_ids, **extra)
         return pred + self.scale * (out - degraded_pred)
 

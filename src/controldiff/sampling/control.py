@@ -114,6 +114,28 @@ class ModelCall:
         """Batch rows of branch ``name`` in this call."""
         return self.slices[name]
 
+    def branch_inputs(self, name: str) -> tuple[TextCond, Optional[torch.Tensor], dict]:
+        """Branch ``name``'s text, SDXL time ids and other UNet keyword arguments (residuals
+        added by other controls), its rows only: what a control re-running that branch through
+        ``ctx.run_unet`` passes (SAG, CLIP guidance)."""
+        rows = self.rows(name)
+        added = self.kwargs.get("added_cond_kwargs")
+        text = TextCond(self.embeds[rows], None if added is None else added["text_embeds"][rows])
+        time_ids = None if added is None else added["time_ids"][rows]
+        extra = {k: rows_of(v, rows) for k, v in self.kwargs.items() if k != "added_cond_kwargs"}
+        return text, time_ids, extra
+
+
+def rows_of(value, rows: slice):
+    """The batch rows of a UNet keyword argument (residual tensors, lists or dicts of them)."""
+    if torch.is_tensor(value):
+        return value[rows]
+    if isinstance(value, (list, tuple)):
+        return type(value)(rows_of(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: rows_of(v, rows) for k, v in value.items()}
+    return value
+
 
 def default_processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
     """The attention module's own computation (SDPA)."""
@@ -220,8 +242,10 @@ class Context:
         is filled in from them.
         """
         if text.pooled is not None:
-            ids = time_ids if time_ids is not None else self.time_ids.repeat(x.shape[0] // self.time_ids.shape[0], 1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": ids}
+            if time_ids is None:  # "cond"'s ids; every row of a run has the same ones
+                n, k = x.shape[0], self.time_ids.shape[0]
+                time_ids = self.time_ids.repeat(n // k, 1) if n % k == 0 else self.time_ids[:1].expand(n, -1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids}
         with self.unet.attention_processors(processors or {}):
             return self.unet(x, t, text.embeds, **kwargs)
 
