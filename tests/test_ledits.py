@@ -297,6 +297,23 @@ def test_zero_edit_scale_is_a_plain_reconstruction(inverted):
         np.testing.assert_allclose(got, plain, atol=1e-5)
 
 
+def test_guidance_rescale(pipes):
+    """The reference's guidance_rescale crashes (it takes the mean of a tuple); ours rescales
+    towards the concepts' mean prediction with diffusers' rescale_noise_cfg."""
+    from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import rescale_noise_cfg
+
+    from controldiff.controls.ledits import rescale
+
+    a, b = torch.randn(2, 4, 8, 8, generator=gen(0)), torch.randn(2, 4, 8, 8, generator=gen(1)) * 3
+    assert torch.allclose(rescale(a, b, 0.7), rescale_noise_cfg(a, b, guidance_rescale=0.7), atol=1e-6)
+    _, mine = pipes("sd1")
+    inv = mine.invert(photo(), method="ddpm", num_inference_steps=3, seed=0)
+    kw = dict(inversion=inv, guidance_scale=1.0, output_type="latent")
+    plain = mine("", controls=[LEdits("snow", use_intersect_mask=False)], **kw).images
+    rescaled = mine("", controls=[LEdits("snow", use_intersect_mask=False, guidance_rescale=0.7)], **kw).images
+    assert torch.isfinite(rescaled).all() and (rescaled - plain).abs().max() > 1e-3
+
+
 def test_all_concepts_share_one_unet_call_per_step(pipes, monkeypatch):
     _, mine = pipes("sd1-mask")
     inv = mine.invert(photo(size=96), method="ddpm", num_inference_steps=4, skip=0.0, seed=0)

@@ -97,7 +97,6 @@ class LEdits(SEGA):
         self._late_intersect = not sdxl  # SD1/SD2: the intersection only at t <= 800
         f = ctx.vae.latent_factor if ctx.vae is not None else 8
         h, w = ctx.height // f, ctx.width // f
-        self._latent = (h, w)
         self._res = (int(h / 4), int(w / 4))
         self._mask = None
         if self.user_mask is not None:
@@ -132,6 +131,9 @@ class LEdits(SEGA):
     def prepare_call(self, ctx, step, call):
         if not self._sites:
             return
+        if call.views is not None:
+            raise ValueError("LEdits: the attention masks read whole-canvas maps, not views (MultiDiffusion); "
+                             "pass use_cross_attn_mask=False, use_intersect_mask=False")
         names = list(dict.fromkeys(self.branch_name(c) for c in self.concepts))
         rows = {name: call.rows(name) for name in names}
         self._maps = {name: {"up": [], "down": []} for name in names}
@@ -164,7 +166,7 @@ class LEdits(SEGA):
         attn = F.conv2d(attn, smoothing_kernel().to(attn.device, attn.dtype)).squeeze(1)
         q = quantile(attn.flatten(start_dim=1), c.threshold, dim=1)
         mask = torch.where(attn >= q[:, None, None], 1.0, 0.0)
-        return F.interpolate(mask.unsqueeze(1), like.shape[-2:]).repeat(1, like.shape[1], 1, 1)
+        return F.interpolate(mask.unsqueeze(1), like.shape[-2:]).repeat(1, like.shape[1], 1, 1).to(like.dtype)
 
     @staticmethod
     def magnitude_mask(guide: torch.Tensor, threshold: float) -> torch.Tensor:
