@@ -198,17 +198,21 @@ def test_edit_keeps_the_image_outside_the_mask(tiny_model, family, prediction):
 
 
 def test_batch_and_images_per_prompt(sd1):
-    """Masks and inversions are spread over the batch as the pipeline spreads the inversion."""
+    """Each inverted image keeps its own mask; one inverted image spreads over several images."""
     pipe = ours(sd1)
     inv = pipe.invert([photo(1), photo(2)], ["a cat", "a bowl"], num_inference_steps=4, seed=0)
     mask = torch.zeros(2, 8, 8)
     mask[0, :4], mask[1, :, 4:] = 1, 1
-    out = pipe(["a dog", "a vase"], inversion=inv, controls=[DiffEdit(mask, inv)], num_images_per_prompt=2,
+    out = pipe(["a dog", "a vase"], inversion=inv, controls=[DiffEdit(mask, inv)], output_type="latent",
+               seed=0).images
+    for r in range(2):
+        keep = mask[r] == 0
+        assert torch.equal(out[r][:, keep], inv.trajectory[r, -1][:, keep])
+    one = pipe.invert(photo(1), "a cat", num_inference_steps=4, seed=0)
+    out = pipe("a dog", inversion=one, controls=[DiffEdit(mask[:1], one)], num_images_per_prompt=2,
                output_type="latent", seed=0).images
-    rows = inv.trajectory[:, -1].repeat(2, 1, 1, 1)
-    keep = (mask == 0).repeat(2, 1, 1)
-    for r in range(4):
-        assert torch.equal(out[r][:, keep[r]], rows[r][:, keep[r]])
+    keep = mask[0] == 0
+    assert out.shape[0] == 2 and all(torch.equal(out[r][:, keep], one.trajectory[0, -1][:, keep]) for r in range(2))
 
 
 # ---------------------------------------------------------------------------- composition

@@ -178,6 +178,13 @@ def test_bad_invert_arguments(pipe, no_work, kw, match):
         pipe.invert(photo(), **kw)
 
 
+def test_several_inverted_images_with_several_images_each_are_refused(pipe):
+    inv = pipe.invert(photo(), ["a cat", "a dog"], num_inference_steps=2, seed=0)
+    with pytest.raises(ValueError, match="num_images_per_prompt: 2 with an inversion of 2 images is ambiguous"):
+        pipe(["a cat", "a dog"], inversion=inv, num_images_per_prompt=2)
+    assert pipe(["a cat", "a dog"], inversion=inv, output_type="latent").images.shape[0] == 2
+
+
 def test_cancelled_inversion_raises(pipe):
     with pytest.raises(RuntimeError, match="cancelled by the callback after 1 of 3 steps"):
         pipe.invert(photo(), num_inference_steps=3, seed=0, callback=lambda i, t, x: False)
