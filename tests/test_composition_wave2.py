@@ -8,11 +8,11 @@ new control equals its absence, and SDXL and panoramas take them too.
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import controldiff as cd
+from pictures import photo
 from pipes import ours
 from test_clip_guidance import tiny_clip
 from test_composition import _control_image, _kohya_lora, tiny_controls  # noqa: F401  (fixture)
@@ -23,16 +23,11 @@ def clip():
     return tiny_clip()
 
 
-def _liked(seed=0, size=64):
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size))
-
-
 def _new(clip, prompt_words=("cat", "mat")):
     return {
         "AttendAndExcite": cd.AttendAndExcite(list(prompt_words), max_iter_to_alter=2, thresholds={0: 0.9},
                                               scale_factor=200, attn_res=(4, 4)),
-        "FABRIC": cd.FABRIC(liked=[_liked(1)], disliked=[_liked(2)], feedback_start_ratio=0.0,
+        "FABRIC": cd.FABRIC(liked=[photo(1)], disliked=[photo(2)], feedback_start_ratio=0.0,
                             feedback_end_ratio=1.0, max_weight=5.0),
         "CLIPGuidance": cd.CLIPGuidance(clip, scale=300.0, num_cutouts=2, generator=torch.Generator().manual_seed(0)),
     }
@@ -85,7 +80,7 @@ def test_wave2_with_wave1_and_lora_and_model_edit_sd1(tiny_model, tiny_controls,
 def test_zero_strength_wave2_controls_equal_no_control(tiny_model, clip):
     pipe = ours(tiny_model("sd1"))
     zero = {"AttendAndExcite": cd.AttendAndExcite(["cat"], scale_factor=0, attn_res=(4, 4)),
-            "FABRIC": cd.FABRIC(liked=[_liked(1)], disliked=[_liked(2)], min_weight=0.0, max_weight=0.0),
+            "FABRIC": cd.FABRIC(liked=[photo(1)], disliked=[photo(2)], min_weight=0.0, max_weight=0.0),
             "CLIPGuidance": cd.CLIPGuidance(clip, scale=0.0), "SAG": cd.SAG(scale=0.5)}
     np.testing.assert_array_equal(_gen(pipe, lambda: zero), _gen(pipe, lambda: {"SAG": zero["SAG"]}))
 

@@ -20,19 +20,13 @@ import controldiff as cd
 import diffusers
 from controldiff.controls.diffedit import DiffEdit
 from pipes import ours, reference
+from pictures import photo
 
 TOL = 1e-4
 
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def photo(seed=0, size=64):
-    """A smooth random image."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(small).resize((size, size), PIL.Image.BICUBIC)
 
 
 @pytest.fixture(scope="module")

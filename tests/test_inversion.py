@@ -9,25 +9,18 @@ image back far better than a random start does.
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import diffusers
 from pipes import ours, reference
+from pictures import photo
 
 TOL = 1e-4
 
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def photo(seed=0, size=64):
-    """A smooth random image (noise-free images invert well, as photographs do)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(small).resize((size, size), PIL.Image.BICUBIC)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -26,6 +25,7 @@ from controldiff import tiny
 from controldiff.controls.ledits import LEdits
 from controldiff.controls.sega import Concept
 from pipes import ours, reference
+from pictures import photo
 from tiny_models import perturb_norms
 
 TOL = 1e-4
@@ -34,11 +34,6 @@ SD, XL = "LEditsPPPipelineStableDiffusion", "LEditsPPPipelineStableDiffusionXL"
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def photo(seed=0, size=64):
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), PIL.Image.BICUBIC)
 
 
 def three_blocks(src, dst, family):

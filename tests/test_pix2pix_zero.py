@@ -10,14 +10,13 @@ behaviour on SD2 (v-prediction) and SDXL, where the properties below must hold:
 """
 from __future__ import annotations
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import diffusers
 from controldiff.controls.pix2pix_zero import Pix2PixZero, attention_sites
 from pipes import ours, reference
+from pictures import photo
 
 TOL = 1e-4
 CAPTION = "a cat sitting on the grass"
@@ -25,12 +24,6 @@ CAPTION = "a cat sitting on the grass"
 
 def gen(seed):
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def photo(seed=0, size=(64, 64)):
-    """A smooth random image (noise-free images invert well, as photographs do)."""
-    small = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(small).resize((size[1], size[0]), PIL.Image.BICUBIC)
 
 
 def as_list(p):

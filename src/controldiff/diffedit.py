@@ -19,7 +19,6 @@ are identical (0/0); ours runs unguided and returns an empty mask.
 """
 from __future__ import annotations
 
-import random
 from typing import List, Optional, Union
 
 import torch
@@ -28,7 +27,7 @@ from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .images import as_batch, preprocess_image
 from .models.vae import DiagonalGaussian
-from .noise import check_generator, check_seed, randn_tensor
+from .noise import randn_tensor, seeded
 from .sampling.control import Step
 from .sampling.finite import check_finite
 from .text.encode import TextCond, as_list
@@ -100,12 +99,7 @@ class DiffEditMixin:
         cfg = CFG(finite_number(guidance_scale, "guidance_scale"))
         if self.info.kind != "txt2img":
             raise ValueError(f"diffedit_mask: needs a text-to-image model, this one is {self.info.kind!r}")
-        if generator is not None and seed is not None:
-            raise ValueError("generator, seed: pass one of them, not both")
-        check_generator(generator, batch * maps)
-        if generator is None:
-            seed = random.randrange(2**32) if seed is None else check_seed(seed)
-            generator = torch.Generator("cpu").manual_seed(seed)
+        generator, seed = seeded(generator, seed, batch * maps)
         image = as_batch(image, "image", "image")
         count = len(image) if isinstance(image, list) else image.shape[0]
         if count not in (1, batch):

@@ -11,7 +11,6 @@ combined prediction. ``method="ddpm"``: the edit-friendly DDPM inversion of LEDI
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -22,7 +21,7 @@ from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .defaults import defaults_for
 from .images import as_batch, preprocess_image
-from .noise import check_generator, check_seed
+from .noise import seeded
 from .sampling.control import Control
 from .schedulers.ddim_inverse import DDIMInverse
 from .text.encode import as_list
@@ -226,12 +225,7 @@ class InversionMixin:
         if self.info.kind != "txt2img":
             raise ValueError(f"invert: needs a text-to-image model, this one is {self.info.kind!r}")
         batch = len(prompts)
-        if generator is not None and seed is not None:
-            raise ValueError("generator, seed: pass one of them, not both")
-        check_generator(generator, batch)
-        if generator is None:
-            seed = random.randrange(2**32) if seed is None else check_seed(seed)
-            generator = torch.Generator("cpu").manual_seed(seed)
+        generator, seed = seeded(generator, seed, batch)
         image = as_batch(image, "image", "image")
         height, width = self._default_size(None, None, image, controls)
         for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),

@@ -1,6 +1,8 @@
 """Random tensors drawn exactly as diffusers draws them, so seeds carry over."""
 from __future__ import annotations
 
+import random
+
 from numbers import Integral
 from typing import Sequence, Union
 
@@ -58,3 +60,15 @@ def check_generator(generator, batch: int) -> None:
     if len(generator) != batch:
         raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch} images "
                          "(prompts x num_images_per_prompt); pass one per image, or a single generator")
+
+
+def seeded(generator, seed, batch: int) -> tuple:
+    """(generator, seed) of a call: the caller's generator(s) checked, else a CPU generator
+    from ``seed`` (a random one, to be recorded, when neither is given)."""
+    if generator is not None and seed is not None:
+        raise ValueError("generator, seed: pass one of them, not both")
+    check_generator(generator, batch)
+    if generator is None:
+        seed = random.randrange(2**32) if seed is None else check_seed(seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+    return generator, seed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -27,7 +26,7 @@ from .diffedit import DiffEditMixin
 from .images import as_batch, image_size, postprocess, preprocess_image, preprocess_mask
 from .memory import check_fits
 from .model_editing import ModelEditingMixin
-from .noise import check_generator, check_seed, randn_tensor
+from .noise import randn_tensor, seeded
 from .sampling.control import Context, Control
 from .sampling.finite import check_finite
 from .sampling.loop import sample
@@ -308,12 +307,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             "negative_aesthetic_score")
 
         batch = len(prompts) * num_images_per_prompt
-        if generator is not None and seed is not None:
-            raise ValueError("generator, seed: pass one of them, not both")
-        check_generator(generator, batch)
-        if generator is None:
-            seed = random.randrange(2**32) if seed is None else check_seed(seed)
-            generator = torch.Generator("cpu").manual_seed(seed)
+        generator, seed = seeded(generator, seed, batch)
 
         if mask_image is not None and image is None:
             raise ValueError("mask_image: inpainting also needs image")
