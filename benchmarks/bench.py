@@ -10,13 +10,18 @@ very same weights (state dicts copied), so both compute the same images.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
+import PIL.Image
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -61,6 +66,51 @@ class CountCalls:
 
     def _hook(self, *args):
         self.n += 1
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc keeps them), so each run's resident-set
+    growth is its own and not hidden by what the previous run freed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class Run(NamedTuple):
+    out: object
+    seconds: float
+    calls: int       # UNet evaluations
+    peak_mb: float   # resident growth (CPU) or peak CUDA allocation above the start
+    cpu: float       # CPU seconds of this process
+
+
+def measure(fn, unet, device: str) -> Run:
+    """One call of ``fn`` with its wall and CPU time, UNet calls and peak memory."""
+    cuda = device.startswith("cuda")
+    gc.collect()
+    release_free_memory()
+    counter = CountCalls(unet)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRSS() as rss:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    counter.handle.remove()
+    peak = torch.cuda.max_memory_allocated() - base if cuda else rss.peak - rss.base
+    return Run(out, seconds, counter.n, peak / 2**20, cpu)
+
+
+def photo(size: int, seed: int = 0) -> PIL.Image.Image:
+    """A smooth random test image (8x8 random colours, upsampled)."""
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), PIL.Image.BICUBIC)
 
 
 def run(impl: str, model: str, size: int, steps: int, device: str, dtype: torch.dtype, repeats: int,

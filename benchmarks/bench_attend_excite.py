@@ -12,10 +12,7 @@ max_memory_allocated) and the largest latent difference. Prints a markdown table
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,44 +21,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import PeakRSS  # noqa: E402
-from bench_controls import Counter  # noqa: E402
+from bench import measure  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.attend_excite import AttendAndExcite  # noqa: E402
 from controldiff.text.tokens import find_tokens  # noqa: E402
 
 PROMPT = "a photo of a cat and a frog"
-
-
-def trim() -> None:
-    """Give freed heap memory back to the system, so that a run's resident-set growth is its
-    own peak and not hidden by memory the previous run left in the allocator (glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def measure(fn, unet, device):
-    """(seconds, UNet calls, peak bytes above the start, output) of one run."""
-    cuda = device.startswith("cuda")
-    gc.collect()
-    trim()
-    counter = Counter(unet)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    counter.close()
-    peak = torch.cuda.max_memory_allocated() - base if cuda else rss.peak - rss.base
-    return dt, counter.n, peak, out
 
 
 def main(argv=None):
@@ -102,7 +68,8 @@ def main(argv=None):
     first = 1 if a.no_warmup else 0
     for r in range(first, a.repeats + 1):   # round 0 warms up
         for key, (fn, unet) in runs.items():
-            dt, calls, peak, out = measure(fn, unet, a.device)
+            r = measure(fn, unet, a.device)
+            dt, calls, peak, out = r.seconds, r.calls, r.peak_mb * 2**20, r.out
             if r:
                 b = best[key]
                 b[0], b[1], b[2], b[3] = min(b[0], dt), calls, max(b[2], peak), out

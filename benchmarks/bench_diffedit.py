@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import CountCalls, PeakRSS  # noqa: E402
+from bench import measure, photo  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.diffedit import DiffEdit  # noqa: E402
 
 SOURCE, TARGET = "a bowl of fruits", "a bowl of pears"
-
-
-def photo(size: int) -> PIL.Image.Image:
-    rng = np.random.default_rng(0)
-    return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), PIL.Image.BICUBIC)
 
 
 def reference(ref):
@@ -46,23 +39,6 @@ def reference(ref):
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def measure(fn, unet, device: str):
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    counter = CountCalls(unet)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync()
-    with PeakRSS() as rss:
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        seconds = time.perf_counter() - t0
-    counter.handle.remove()
-    peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else rss.peak - rss.base
-    return out, seconds, counter.n, peak / 2**20
 
 
 def main(argv=None):
@@ -105,7 +81,7 @@ def main(argv=None):
     for r in range(a.repeats + 1):  # round 0 warms up
         for phase in ("mask", "invert", "edit"):
             for impl, fn, unet in (("ref", ref_phases[phase], ref.unet), ("ours", our_phases[phase], ours.unet)):
-                out, seconds, calls, peak = measure(fn, unet, a.device)
+                out, seconds, calls, peak, _ = measure(fn, unet, a.device)
                 outs[impl, phase] = out
                 if r:
                     old = best.get((impl, phase))

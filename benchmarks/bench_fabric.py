@@ -17,7 +17,6 @@ import argparse
 import functools
 import inspect
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench import CountCalls, PeakRSS  # noqa: E402
+from bench import measure  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.fabric import FABRIC  # noqa: E402
@@ -51,23 +50,6 @@ def routed(ref, generator):
         torch.randn_like = original_randn
         ref.scheduler.__dict__.pop("step", None)
     return restore
-
-
-def measure(fn, unet, device: str):
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    counter = CountCalls(unet)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync()
-    with PeakRSS() as rss:
-        start, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        sync()
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    counter.handle.remove()
-    peak = (torch.cuda.max_memory_allocated() - base) if device.startswith("cuda") else (rss.peak - rss.base)
-    return out, (seconds, cpu), counter.n, peak / 2**20
 
 
 def main(argv=None):
@@ -113,7 +95,7 @@ def main(argv=None):
     outs = {}
     for r in range(a.repeats + 1):  # round 0 warms up
         for key, fn, unet in (("reference", run_ref, ref.unet), ("ours", run_ours, ours.unet)):
-            out, (seconds, cpu), calls, peak = measure(fn, unet, a.device)
+            out, seconds, calls, peak, cpu = measure(fn, unet, a.device)
             outs[key] = out
             if r:
                 old = best.get(key, (float("inf"), float("inf"), calls, 0.0))

@@ -15,48 +15,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import CountCalls, PeakRSS  # noqa: E402
+from bench import measure, photo  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.ledits import LEdits  # noqa: E402
 from controldiff.controls.sega import Concept  # noqa: E402
 
 EDITS = ["a straw hat", "sunglasses"]
-
-
-def photo(size: int) -> PIL.Image.Image:
-    rng = np.random.default_rng(0)
-    return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), PIL.Image.BICUBIC)
-
-
-def measure(fn, unet, device: str):
-    """(result, seconds, UNet calls, peak memory growth in MB) of one call."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    counter = CountCalls(unet)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync()
-    with PeakRSS() as rss:
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        seconds = time.perf_counter() - t0
-    counter.handle.remove()
-    peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else rss.peak - rss.base
-    return out, seconds, counter.n, peak / 2**20
 
 
 def reference(base, sdxl: bool):
@@ -118,7 +91,7 @@ def main(argv=None):
         best, outs = {}, {}
         for r in range(a.repeats + 1):  # round 0 warms up
             for impl, fn, unet in fns:
-                out, seconds, calls, peak = measure(fn, unet, a.device)
+                out, seconds, calls, peak, _ = measure(fn, unet, a.device)
                 outs[impl] = out
                 if r:
                     old = best.get(impl)

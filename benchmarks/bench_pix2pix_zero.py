@@ -16,20 +16,16 @@ them: they are dropped before each of its runs, so each measures one call's cost
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import CountCalls, PeakRSS  # noqa: E402
+from bench import measure, photo  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.pix2pix_zero import Pix2PixZero  # noqa: E402
@@ -37,11 +33,6 @@ from controldiff.controls.pix2pix_zero import Pix2PixZero  # noqa: E402
 CAPTION = "a photograph of a cat sitting on the grass"
 SOURCE = ["a cat sitting on the street", "a cat playing in the field", "a face of a cat"]
 TARGET = ["a dog sitting on the street", "a dog playing in the field", "a face of a dog"]
-
-
-def photo(size: int) -> PIL.Image.Image:
-    rng = np.random.default_rng(0)
-    return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), PIL.Image.BICUBIC)
 
 
 def reference(base):
@@ -54,34 +45,6 @@ def reference(base):
         feature_extractor=None, caption_generator=None, caption_processor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the OS, so each run's resident-set growth is its own
-    and not hidden by what the previous run freed (glibc keeps it otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def measure(fn, unet, device: str):
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    release_free_memory()
-    counter = CountCalls(unet)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync()
-    with PeakRSS() as rss:
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        sync()
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    counter.handle.remove()
-    peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else rss.peak - rss.base
-    return out, seconds, counter.n, peak / 2**20, cpu
 
 
 def main(argv=None):
