@@ -313,3 +313,34 @@ def test_diverging_amount_is_named(sd1):
                                          r"\(NaN or infinite at step 1 of 3"):
         mine("a cat", num_inference_steps=3, scheduler="ddim", height=64, width=64, seed=0, output_type="latent",
              controls=[Pix2PixZero("a cat", "a dog", 1e30)])
+
+
+def test_with_lora_embeddings_weighted_caption_and_controlnet_in_the_inversion(tiny_model, controlnet, tmp_path):
+    """The loaders and prompt syntax reach both passes and the inversion; a ControlNet may
+    guide the inversion too. Each ingredient changes the edit; unloading restores it."""
+    import controldiff as cd
+    from safetensors.torch import save_file
+    from test_composition import _kohya_lora
+
+    mine = ours(tiny_model("sd1"))
+    save_file({"<toy>": torch.randn(2, 32, generator=torch.Generator().manual_seed(7)) * 2},
+              str(tmp_path / "toy.safetensors"))
+    caption = "a (<toy>:1.3) cat sitting on the [grass]"
+
+    def edit(**kw):
+        inv = mine.invert(photo(), caption, num_inference_steps=3, seed=0, guidance_scale=3.0, **kw)
+        return mine(caption, inversion=inv, guidance_scale=6.0, output_type="latent",
+                    controls=[Pix2PixZero("a cat", "a dog", 0.5)]).images
+
+    base = edit()
+    guided = edit(controls=[cd.ControlNet(controlnet, photo(9), scale=0.8)])
+    mine.load_textual_inversion(tmp_path / "toy.safetensors")
+    with_ti = edit()
+    mine.load_lora(_kohya_lora(mine, tmp_path / "style.safetensors"), weight=0.8)
+    both = edit()
+    assert torch.isfinite(both).all()
+    for a, b in ((guided, base), (with_ti, base), (both, with_ti)):
+        assert float((a - b).abs().max()) > 1e-3
+    mine.unload_lora()
+    mine.unload_textual_inversion()
+    assert torch.equal(edit(), base)
