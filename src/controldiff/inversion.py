@@ -55,8 +55,15 @@ class Inversion:
         return replay_scheduler(pipe, self)
 
     def check(self, pipe, steps: Optional[int], height: Optional[int], width: Optional[int],
-              scheduler: Optional[str]) -> None:
+              scheduler: Optional[str], prompts: int, per_prompt: int) -> None:
         """ValueErrors naming the argument that disagrees with this inversion."""
+        rows = self.latents.shape[0]
+        pipe._check_spread(self.latents, prompts * per_prompt, "inversion")
+        if rows > 1 and per_prompt > 1:
+            # rows would repeat whole (img2img's rule, DiffEdit's masks follow it) while prompts
+            # interleave: refuse rather than guess
+            raise ValueError(f"num_images_per_prompt: {per_prompt} with an inversion of {rows} images is "
+                             "ambiguous; generate from each image's inversion, or invert one image")
         here = str(pipe.path or "")
         if self.model and here and self.model != here:
             raise ValueError(f"inversion: made with the model {self.model!r}, this pipeline is {here!r}")

@@ -282,14 +282,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         if inversion is not None:
             if not isinstance(inversion, Inversion):
                 raise ValueError(f"inversion: expected what pipe.invert() returns, got {type(inversion).__name__}")
-            inversion.check(self, num_inference_steps, height, width, scheduler)
-            self._check_spread(inversion.latents, len(prompts) * num_images_per_prompt, "inversion")
-            if inversion.latents.shape[0] > 1 and num_images_per_prompt > 1:
-                # rows are repeated whole (img2img's rule, DiffEdit's masks follow it); per-prompt
-                # interleaving would be the other reading: refuse rather than guess
-                raise ValueError(f"num_images_per_prompt: {num_images_per_prompt} with an inversion of "
-                                 f"{inversion.latents.shape[0]} images is ambiguous; generate from each "
-                                 "image's inversion, or invert one image")
+            inversion.check(self, num_inference_steps, height, width, scheduler, len(prompts), num_images_per_prompt)
             num_inference_steps, height, width = inversion.num_inference_steps, inversion.height, inversion.width
             scheduler = inversion.scheduler
         if latents is not None:
