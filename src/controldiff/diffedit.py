@@ -29,7 +29,6 @@ from .images import as_batch, preprocess_image
 from .models.vae import DiagonalGaussian
 from .noise import randn_tensor, seeded
 from .sampling.control import Step
-from .sampling.finite import check_finite
 from .text.encode import TextCond, as_list
 
 
@@ -48,10 +47,7 @@ class DiffEditMixin:
         encoding the repeated images (the reference's way), for one VAE pass per image."""
         pixels = pixels.to(self.device, self.vae.dtype)
         posterior = DiagonalGaussian(self.vae.encode(pixels).parameters.repeat_interleave(maps, dim=0))
-        latents = posterior.sample(generator)
-        check_finite(latents, "VAE encode (image)", self.vae.dtype)
-        shift = self.vae.config.get("shift_factor") or 0.0   # scaled as Pipeline._encode_image
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+        return self._scaled_latents(posterior.sample(generator))
 
     @torch.no_grad()
     def diffedit_mask(

@@ -24,7 +24,6 @@ from .checks import finite_number
 from .controls.cfg import CFG
 from .images import as_batch, preprocess_image
 from .noise import randn_tensor
-from .sampling.finite import check_finite
 from .schedulers.ddim import DDIM
 from .schedulers.dpmsolver import DPMSolverMultistep, log_snr
 
@@ -173,10 +172,7 @@ def plan(pipe, prompts, image, steps, guidance_scale, strength, num_reg_steps, s
 def encode_mode(pipe, image: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's mode, scaled (the reference inverts the mode, not a sample)."""
     image = image.to(pipe.device, pipe.vae.dtype)
-    latents = pipe.vae.encode(image).mode()
-    check_finite(latents, "VAE encode (image)", pipe.vae.dtype)
-    shift = pipe.vae.config.get("shift_factor") or 0.0
-    return ((latents - shift) * pipe.vae.config.scaling_factor).to(pipe.dtype)
+    return pipe._scaled_latents(pipe.vae.encode(image).mode())
 
 
 def invert_ddpm(pipe, p: DDPMPlan, image, height: int, width: int, generator, seed, negative_prompt, prompt_2,

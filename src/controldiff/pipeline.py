@@ -183,10 +183,14 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             latents = torch.cat(parts)
         else:
             latents = self.vae.encode(image).sample(generator)
+        return self._scaled_latents(latents)
+
+    def _scaled_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (checked finite) in the UNet's space and dtype: shifted and scaled
+        by the VAE's config (the inverse of :meth:`_decode`'s first step)."""
         check_finite(latents, "VAE encode (image)", self.vae.dtype)
-        sf = self.vae.config.scaling_factor
         shift = self.vae.config.get("shift_factor") or 0.0
-        return ((latents - shift) * sf).to(self.dtype)
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
 
     def _decode_wrapped(self, latents: torch.Tensor, pad: int) -> torch.Tensor:
         """Decode; with ``pad`` (circular panoramas) decode with ``pad`` latent columns wrapped
