@@ -148,11 +148,7 @@ class AttendAndExcite(Control):
             site = attn.site
             if site.kind != "cross":
                 continue
-            halvings = {"down": site.block_index, "mid": blocks - 1, "up": blocks - 1 - site.block_index}[site.block]
-            h, w = ctx.height // f, ctx.width // f
-            for _ in range(halvings):   # stride-2 convolutions: ceil halving
-                h, w = math.ceil(h / 2), math.ceil(w / 2)
-            sizes[name] = (h, w)
+            sizes[name] = site.grid(ctx.height // f, ctx.width // f, blocks)
         picked = [n for n, (h, w) in sizes.items() if h * w == res[0] * res[1]]
         if not picked:
             have = ", ".join(f"({h}, {w})" for h, w in sorted(set(sizes.values()), reverse=True))

@@ -21,24 +21,14 @@ those sites only, for the concept rows only, from the same call.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import finite_number
+from .attend_excite import gaussian_kernel  # the same 3x3 smoothing as the references share
 from .sega import SEGA, Concept
-
-
-def smoothing_kernel() -> torch.Tensor:
-    """The reference's 3x3 kernel (``LeditsGaussianSmoothing``: sigma 0.5, but the exponent
-    is ``-((x - mean) / (2 * sigma)) ** 2``), normalised, as a conv2d weight (1, 1, 3, 3)."""
-    kernel = 1
-    grids = torch.meshgrid([torch.arange(3, dtype=torch.float32)] * 2, indexing="ij")
-    for grid in grids:
-        kernel = kernel * (1 / (0.5 * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - 1) / (2 * 0.5)) ** 2)))
-    return (kernel / torch.sum(kernel)).view(1, 1, 3, 3)
 
 
 def quantile(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
@@ -51,12 +41,6 @@ def rescale(pred: torch.Tensor, reference: torch.Tensor, factor: float) -> torch
     dims = list(range(1, pred.ndim))
     rescaled = pred * (reference.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
     return factor * rescaled + (1 - factor) * pred
-
-
-def _halved(size: int, times: int) -> int:
-    for _ in range(times):  # stride-2 convolutions: ceil halving
-        size = math.ceil(size / 2)
-    return size
 
 
 class LEdits(SEGA):
@@ -116,8 +100,7 @@ class LEdits(SEGA):
                 s = attn.site
                 if s.kind != "cross" or s.block == "mid":
                     continue
-                times = s.block_index if s.block == "down" else blocks - 1 - s.block_index
-                if (_halved(h, times), _halved(w, times)) == self._res:
+                if s.grid(h, w, blocks) == self._res:
                     self._sites[name] = s.block
             if not self._sites or min(self._res) < 2:
                 raise ValueError(f"use_cross_attn_mask/use_intersect_mask: the attention masks read the down/up "
@@ -163,7 +146,7 @@ class LEdits(SEGA):
         maps = maps.sum(1) / maps.shape[1]
         attn = maps[:, :, :, 1:maps.shape[-1] - 1].sum(dim=3)  # every token but the first and last (the reference's)
         attn = F.pad(attn.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
-        attn = F.conv2d(attn, smoothing_kernel().to(attn.device, attn.dtype)).squeeze(1)
+        attn = F.conv2d(attn, gaussian_kernel().to(attn.device, attn.dtype)).squeeze(1)
         q = quantile(attn.flatten(start_dim=1), c.threshold, dim=1)
         mask = torch.where(attn >= q[:, None, None], 1.0, 0.0)
         return F.interpolate(mask.unsqueeze(1), like.shape[-2:]).repeat(1, like.shape[1], 1, 1).to(like.dtype)

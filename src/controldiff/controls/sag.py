@@ -12,7 +12,6 @@ rows it reads.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +91,7 @@ class SAG(Control):
     def _degrade(self, ctx, step, x0, probs, eps):
         """Blur x0 where the map is attended most, then noise it back to this step's level."""
         b, c, lh, lw = x0.shape
-        mh, mw = lh, lw
-        for _ in range(len(ctx.unet.config.block_out_channels) - 1):  # stride-2 convs: ceil halving
-            mh, mw = math.ceil(mh / 2), math.ceil(mw / 2)
+        mh, mw = ctx.unet.attention_sites()[SITE].site.grid(lh, lw, len(ctx.unet.config.block_out_channels))
         if probs is None or mh * mw != probs.shape[-1]:
             raise RuntimeError("SAG: the mid-block attention map was not captured for this call")
         mask = probs.mean(1).sum(1) > 1.0

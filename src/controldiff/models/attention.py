@@ -27,6 +27,7 @@ processor only rewrites the step it cares about::
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Protocol
@@ -72,6 +73,15 @@ class AttentionSite:
             transformer_index=int(transformer),
             kind="self" if which == "1" else "cross",
         )
+
+
+    def grid(self, height: int, width: int, levels: int) -> tuple[int, int]:
+        """(h, w) of this site's token grid for latents of ``height`` x ``width`` in a UNet of
+        ``levels`` resolutions (``len(block_out_channels)``): halved, rounded up, per level."""
+        times = {"down": self.block_index, "mid": levels - 1, "up": levels - 1 - self.block_index}[self.block]
+        for _ in range(times):   # stride-2 convolutions
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+        return height, width
 
 
 class Processor(Protocol):
