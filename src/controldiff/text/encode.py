@@ -158,7 +158,8 @@ class PromptEncoder:
 
     ``syntax``: "a1111" (default), "compel" or "none" (plain text, as diffusers); see
     ``text/weighting.py``. Prompts longer than the encoder's window are encoded in chunks
-    (``text/chunks.py``); ``truncate=True`` keeps only the first chunk, with a warning,
+    (``text/chunks.py``; with the a1111 syntax a chunk full within ``comma_backtrack`` = 20
+    tokens of a comma ends after the comma, as A1111); ``truncate=True`` keeps only the first chunk, with a warning,
     as diffusers does. SDXL: the penultimate hidden states of every encoder side by side
     and the last encoder's pooled output of the first chunk (unweighted, as A1111);
     ``clip_skip`` skips that many more final layers, as diffusers does.
@@ -176,6 +177,8 @@ class PromptEncoder:
         self.sdxl = sdxl
         self.syntax = syntax
         self.truncate = bool(truncate)
+        # A1111's comma_padding_backtrack (its default): a chunk full near a comma ends after it
+        self.comma_backtrack = 20
         # word -> replacement applied to the text of every fragment before tokenising (textual
         # inversion's multi-vector tokens "tok" -> "tok tok_1 tok_2", as diffusers' maybe_convert_prompt)
         self.expansions: dict[str, str] = {}
@@ -294,7 +297,8 @@ class PromptEncoder:
         return not self.sdxl and bool(getattr(self.text_encoders[index].config, "use_attention_mask", False))
 
     def _chunks(self, tokenizer, fragments) -> Chunks:
-        chunks = build_chunks(tokenizer, fragments, self.expand)
+        backtrack = self.comma_backtrack if self.syntax == "a1111" else 0
+        chunks = build_chunks(tokenizer, fragments, self.expand, backtrack)
         if self.truncate and chunks.count > 1:
             dropped = " ".join(describe(tokenizer, chunks)[1:]).strip()
             if dropped:
