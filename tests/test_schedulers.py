@@ -48,11 +48,20 @@ def _start(seed: int = 0) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def _ref_step(ref, out, t, x, gen, **kw):
+def _pipeline_kwargs(ref, gen, kw: dict) -> dict:
+    """What a diffusers pipeline passes: the generator and ``eta`` (default 0.0) where the
+    step takes them (TCD's step default of 0.3 is never seen through a pipeline)."""
     params = inspect.signature(ref.step).parameters
+    out = dict(kw)
     if "generator" in params:
-        kw["generator"] = gen
-    return ref.step(out, t, x, **kw).prev_sample
+        out["generator"] = gen
+    if "eta" in params:
+        out.setdefault("eta", 0.0)
+    return out
+
+
+def _ref_step(ref, out, t, x, gen, **kw):
+    return ref.step(out, t, x, **_pipeline_kwargs(ref, gen, kw)).prev_sample
 
 
 def _close(a, b, what: str, relative: bool = False) -> None:
@@ -88,7 +97,7 @@ def _run_lockstep(ours, ref, timesteps, x, what: str, seed: int = 1, relative: b
         inp_r = ref.scale_model_input(x_ref, t)
         _close(inp_o, inp_r, f"{what} scale_model_input step {i}", relative)
         out = fake_model(inp_r, t)
-        res = ref.step(out, t, x_ref, **({"generator": g_ref} if "generator" in inspect.signature(ref.step).parameters else {}), **step_kw)
+        res = ref.step(out, t, x_ref, **_pipeline_kwargs(ref, g_ref, step_kw))
         x_ours = ours.step(out, t, x_ours, generator=g_ours, **step_kw)
         x_ref = res.prev_sample
         _close(x_ours, x_ref, f"{what} sample after step {i} (t={float(t)})", relative)
@@ -214,6 +223,34 @@ def test_ddim_eta_with_generator():
         _run_lockstep(ours, ref, ref.timesteps, _start(), f"ddim eta/{config_name}", seed=11, eta=0.7)
 
 
+@pytest.mark.parametrize("gamma", [0.3, 1.0])
+def test_tcd_gamma_with_generator(gamma):
+    """TCD's eta (gamma) > 0 re-noises from the intermediate timestep with generator noise."""
+    for config_name in ("sd1", "sd2_v", "sdxl"):
+        cfg = CONFIGS[config_name]
+        for n in (1, 4, 8):
+            ours, ref = S.create("tcd", cfg), REFERENCE["tcd"](cfg)
+            ours.set_timesteps(n)
+            ref.set_timesteps(n)
+            _check_schedule(ours, ref, f"tcd {config_name} {n}")
+            _run_lockstep(ours, ref, ref.timesteps, _start(), f"tcd gamma={gamma}/{config_name}/{n}", seed=4, eta=gamma)
+    with pytest.raises(ValueError, match="eta"):
+        ours.step(torch.zeros(SHAPE), ours.timesteps[0], torch.zeros(SHAPE), eta=1.5)
+
+
+def test_lcm_schedule_options():
+    """original_inference_steps and timestep_scaling change the schedule and boundary scalings."""
+    cfg = {**CONFIGS["sdxl"], "original_inference_steps": 20, "timestep_scaling": 5.0}
+    for name in ("lcm", "tcd"):
+        ours, ref = S.create(name, cfg), REFERENCE[name](cfg)
+        ours.set_timesteps(6)
+        ref.set_timesteps(6)
+        _check_schedule(ours, ref, f"{name} options")
+        _run_lockstep(ours, ref, ref.timesteps, _start(), f"{name} options", seed=2)
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            S.create(name, cfg).set_timesteps(21)
+
+
 def test_pndm_runge_kutta_warmup():
     cfg = {k: v for k, v in CONFIGS["sd1"].items() if k != "skip_prk_steps"}
     for n in (7, 25):
@@ -323,3 +360,18 @@ def test_api_surface():
         assert s.timesteps.device.type == "cpu"
         assert s.config.num_train_timesteps == 1000
         assert len(s.alphas_cumprod) == 1000
+
+
+def test_tcd_pipeline_passes_eta_as_gamma(tiny_model):
+    """Our pipeline's eta reaches TCD's step as gamma, as diffusers' pipeline passes it."""
+    import pipes
+    path = tiny_model("sd1")
+    ref, mine = pipes.reference("StableDiffusionPipeline", path), pipes.ours(path)
+    ref.scheduler = diffusers.TCDScheduler.from_config(ref.scheduler.config)
+    kw = dict(num_inference_steps=4, guidance_scale=2.0, output_type="np")
+    got = {}
+    for eta in (0.0, 0.3):
+        expected = ref("a cube", generator=torch.Generator().manual_seed(0), eta=eta, **kw).images
+        got[eta] = mine("a cube", generator=torch.Generator().manual_seed(0), eta=eta, scheduler="tcd", **kw).images
+        assert np.abs(got[eta] - expected).max() <= 1e-4, f"tcd eta={eta}"
+    assert np.abs(got[0.0] - got[0.3]).max() > 1e-3  # gamma changes the result

@@ -14,8 +14,10 @@ from .ddpm import DDPM
 from .dpmsolver import DPMSolverMultistep
 from .euler import Euler, EulerAncestral
 from .heun import Heun
+from .lcm import LCM
 from .lms import LMS
 from .pndm import PNDM
+from .tcd import TCD
 from .unipc import UniPC
 
 _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
@@ -29,6 +31,8 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": lambda config: DPMSolverMultistep(config, use_karras_sigmas=True),
     "unipc": UniPC,
+    "lcm": LCM,
+    "tcd": TCD,
 }
 
 NAMES: tuple[str, ...] = tuple(_FACTORIES)
@@ -46,6 +50,8 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 # diffusers class name -> our name (DPM-Solver's karras flag is read from the config).
@@ -75,4 +81,5 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
 __all__ = [
     "NAMES", "CLASS_NAMES", "DIFFUSERS_EQUIVALENT", "create", "from_config", "Scheduler", "SchedulerConfig",
     "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
+    "LCM", "TCD",
 ]
