@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .png_embedding import read_png_embedding
 from .weights import PICKLE_EXTENSIONS, _check_file, load_state_dict
 
 __all__ = ["TextualInversionMixin", "read_embedding"]
@@ -28,8 +29,9 @@ def _load_nested(path: Path) -> dict:
     """A1111 ``.pt`` files nest the tensors (``string_to_param: {"*": tensor}``), which
     ``load_state_dict`` drops; still only ``torch.load(weights_only=True)``."""
     _check_file(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:  # weights_only, plus the one module class old A1111 files pickled (string_to_param)
+        with torch.serialization.safe_globals([nn.ParameterDict]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused: the file holds Python objects other than tensors, dicts, strings and "
                          f"numbers; only plain checkpoints are loaded (torch.load weights_only=True): "
@@ -52,7 +54,8 @@ def read_embedding(source, token: Optional[str] = None) -> tuple[str, dict[str, 
 
     Encoder keys: ``"*"`` for SD1/SD2 embeddings, ``"clip_l"``/``"clip_g"`` for SDXL.
     Formats: diffusers ``{token: tensor}``, A1111 ``string_to_param`` / ``emb_params``
-    (token from ``token`` or the file name, as A1111 does), SDXL ``clip_l``/``clip_g``.
+    (token from ``token`` or the file name, as A1111 does; also as an A1111 embedding PNG,
+    ``loading/png_embedding.py``), SDXL ``clip_l``/``clip_g``.
     """
     stem = None
     if isinstance(source, Tensor):
@@ -69,10 +72,19 @@ def read_embedding(source, token: Optional[str] = None) -> tuple[str, dict[str, 
                 raise FileNotFoundError(f"{path}: no {' or '.join(_DIFFUSERS_NAMES)} in this folder")
             path = found[0]
         where, stem = str(path), path.stem
-        data = _load_nested(path) if path.suffix.lower() in PICKLE_EXTENSIONS else load_state_dict(path)
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: embedding image not found")
+            data = read_png_embedding(path)
+            stem = str(data.get("name") or stem)  # A1111 names a PNG embedding by its data, a file by its name
+        else:
+            data = _load_nested(path) if suffix in PICKLE_EXTENSIONS else load_state_dict(path)
 
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
+        if isinstance(params, nn.ParameterDict):  # A1111 files before 2023
+            params = dict(params.items())
         if not isinstance(params, dict) or len(params) != 1:
             raise ValueError(f"{where}: 'string_to_param' should hold exactly one tensor")
         return token or stem or str(data.get("name")), {"*": _as_matrix(next(iter(params.values())), where,
