@@ -167,7 +167,8 @@ def test_config_round_trip_keeps_other_classes_keys():
     euler_a.set_timesteps(6)
     ref_a.set_timesteps(6)
     _check_schedule(euler_a, ref_a, "euler_a with foreign keys")
-    assert S.from_config(S.create("dpmpp_2m_karras", sd1).config).name == "dpmpp_2m_karras"
+    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"):
+        assert S.from_config(S.create(name, sd1).config).name == name
 
 
 def test_use_default_values_are_dropped():
@@ -334,8 +335,11 @@ def test_from_config_picks_class():
     dpm = {**scheduler_config("sd1"), "_class_name": "DPMSolverMultistepScheduler"}
     assert S.from_config(dpm).name == "dpmpp_2m"
     assert S.from_config({**dpm, "use_karras_sigmas": True}).name == "dpmpp_2m_karras"
+    assert S.from_config({**dpm, "algorithm_type": "sde-dpmsolver++"}).name == "dpmpp_2m_sde"
+    assert S.from_config({**dpm, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}).name \
+        == "dpmpp_2m_sde_karras"
     for cls, name in S.CLASS_NAMES.items():
-        assert S.from_config({**scheduler_config("sd1"), "_class_name": cls}).name in (name, name + "_karras")
+        assert S.from_config({**scheduler_config("sd1"), "_class_name": cls}).name == name
 
 
 def test_errors_name_the_problem():

@@ -30,6 +30,9 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
     "heun": Heun,
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": lambda config: DPMSolverMultistep(config, use_karras_sigmas=True),
+    "dpmpp_2m_sde": lambda config: DPMSolverMultistep(config, algorithm_type="sde-dpmsolver++"),
+    "dpmpp_2m_sde_karras": lambda config: DPMSolverMultistep(config, algorithm_type="sde-dpmsolver++",
+                                                             use_karras_sigmas=True),
     "unipc": UniPC,
     "lcm": LCM,
     "tcd": TCD,
@@ -49,12 +52,15 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
 }
 
-# diffusers class name -> our name (DPM-Solver's karras flag is read from the config).
+# diffusers class name -> our name (DPM-Solver's karras and SDE flags are read from the config).
 CLASS_NAMES: dict[str, str] = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
 
 
@@ -72,10 +78,8 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
         raise ValueError(
             f"scheduler config: unsupported _class_name {class_name!r}; supported: {', '.join(CLASS_NAMES)}"
         )
-    name = CLASS_NAMES[class_name]
-    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
-        name = "dpmpp_2m_karras"
-    return create(name, config)
+    # DPM-Solver's name follows its config (karras sigmas, SDE variant): the instance says it
+    return create(CLASS_NAMES[class_name], config)
 
 
 __all__ = [

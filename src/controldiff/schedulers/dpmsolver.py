@@ -35,8 +35,6 @@ class DPMSolverMultistep(SigmaScheduler):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        if self.config.use_karras_sigmas:
-            self.name = "dpmpp_2m_karras"
         if self.config.solver_type in ("logrho", "bh1", "bh2"):  # other solvers' names, as the reference
             self.config["solver_type"] = "midpoint"
         if self.config.algorithm_type == "deis":
@@ -47,6 +45,9 @@ class DPMSolverMultistep(SigmaScheduler):
         require(self.config, "prediction_type", ("epsilon", "sample", "v_prediction"))
         require(self.config, "variance_type", (None,))
         require(self.config, "final_sigmas_type", ("zero", "sigma_min"))
+        # the registered name of this configuration (dpmpp_2m, dpmpp_2m_sde, ..._karras)
+        sde = "_sde" if self.config.algorithm_type == "sde-dpmsolver++" else ""
+        self.name = f"dpmpp_2m{sde}{'_karras' if self.config.use_karras_sigmas else ''}"
         lambda_t = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
         self._lambda_t = lambda_t
         self._train_schedule()
