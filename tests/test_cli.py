@@ -111,7 +111,7 @@ def test_generate_with_demo_model_writes_png_with_parameters(home, tmp_path, cap
     text = read_parameters(out)
     lines = text.splitlines()
     assert lines[0] == "a red cube" and lines[1] == "Negative prompt: blurry"
-    for field in ("Steps: 2", "Sampler: euler_a", "CFG scale: 5.0", "Seed: 7", "Size: 64x64"):
+    for field in ("Steps: 2", "Sampler: Euler a", "CFG scale: 5.0", "Seed: 7", "Size: 64x64"):
         assert field in lines[2]
 
 
@@ -123,7 +123,7 @@ def test_generate_random_seed_numbered_outputs(home, tmp_path, capsys, monkeypat
     files = sorted((tmp_path / "outputs").iterdir())
     assert [f.name for f in files] == [f"00000-{seed}.png", f"00001-{seed + 1}.png"]
     assert f"Seed: {seed + 1}," in read_parameters(files[1])
-    assert "Sampler: pndm" in read_parameters(files[0])  # the folder's own scheduler
+    assert "Sampler: PLMS" in read_parameters(files[0])  # the folder's own scheduler, by A1111's name
     rc, stdout, _ = run(capsys, "generate", "-p", "x", *FAST, "--seed", seed + 1)
     assert rc == 0
     again = tmp_path / "outputs" / f"00002-{seed + 1}.png"
@@ -509,5 +509,5 @@ def test_png_records_the_values_the_pipeline_used(home, tmp_path, capsys, monkey
     assert rc == 0, err
     assert not {"num_inference_steps", "guidance_scale", "strength"} & set(calls[0])
     text = read_parameters(tmp_path / "d.png")
-    assert "Steps: 33, Sampler: euler, CFG scale: 4.5, Seed: 1" in text
+    assert "Steps: 33, Sampler: Euler, CFG scale: 4.5, Seed: 1" in text
     assert 'SAG 0: "{\\"scale\\": 0.75}"' in text

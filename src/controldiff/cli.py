@@ -46,6 +46,18 @@ def scheduler_names() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- parser
 
 
+def _scheduler(text: str) -> str:
+    """Our scheduler name, or A1111's sampler name ("Euler a", "DPM++ 2M Karras")."""
+    from .schedulers.a1111 import from_a1111
+
+    name = from_a1111(text)
+    if name not in scheduler_names():
+        raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; one of: {', '.join(scheduler_names())} "
+                                         "(or A1111's names for them, e.g. 'Euler a', 'DPM++ 2M Karras')")
+    return name
+
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -121,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, help="sampling steps (default: the reference's, 50 for most)")
     g.add_argument("--guidance", "--cfg", type=_finite_float, dest="guidance",
                    help="classifier-free guidance scale; <= 1 disables it (default: 7.5, SDXL 5.0)")
-    g.add_argument("--scheduler", choices=scheduler_names(), metavar="NAME",
-                   help="one of: " + ", ".join(scheduler_names()) + " (default: the model folder's)")
+    g.add_argument("--scheduler", "--sampler", type=_scheduler, metavar="NAME",
+                   help="one of: " + ", ".join(scheduler_names()) + ", or A1111's name ('Euler a', "
+                        "'DPM++ 2M Karras'; default: the model folder's)")
     g.add_argument("--seed", type=_seed, help="random seed in [0, 2**64) (default: a random one, printed and saved)")
+    g.add_argument("--from-png", type=Path, metavar="IMAGE", dest="from_png",
+                   help="take prompt, negative, steps, sampler, CFG, seed, size and clip skip from a PNG's "
+                        "A1111 'parameters' text (ours or A1111's); options given here win")
     g.add_argument("--num-images", type=_positive_int, default=1, dest="num_images", metavar="N",
                    help="number of images; image i uses seed + i (default: 1)")
     g.add_argument("--image", type=Path, metavar="PATH", help="init image (img2img, or inpainting with --mask)")
@@ -216,6 +232,48 @@ def _model_path(model: str | None) -> tuple[Path, bool]:
     return path, False
 
 
+def _settings_from_png(args) -> None:
+    """Fill the options left unset from the PNG's infotext (A1111's fields)."""
+    from .png import parse_parameters, read_parameters
+    from .schedulers.a1111 import from_a1111
+
+    if not args.from_png.is_file():
+        raise UsageError(f"argument --from-png: file not found: {args.from_png}")
+    try:
+        text = read_parameters(args.from_png)
+    except OSError as e:
+        raise UsageError(f"argument --from-png: {args.from_png}: not a readable image ({e})") from None
+    if text is None:
+        raise UsageError(f"argument --from-png: {args.from_png} has no 'parameters' text (no generation settings)")
+    p = parse_parameters(text)
+
+    def take(key, dest, convert):
+        if p.get(key) not in (None, "") and getattr(args, dest) in (None, ""):
+            try:
+                setattr(args, dest, convert(p[key]))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise UsageError(f"argument --from-png: {args.from_png}: cannot read {key}: {p[key]!r} ({e})") from None
+
+    take("Prompt", "prompt", str)
+    take("Negative prompt", "negative", str)
+    take("Steps", "steps", _positive_int)
+    take("CFG scale", "guidance", _finite_float)
+    take("Seed", "seed", _seed)
+    take("Size-1", "width", _positive_int)
+    take("Size-2", "height", _positive_int)
+    take("Clip skip", "clip_skip", _positive_int)
+    if p.get("Sampler") and args.scheduler is None:
+        name = from_a1111(p["Sampler"], p.get("Schedule type"))
+        if name not in scheduler_names():
+            raise UsageError(f"argument --from-png: {args.from_png}: sampler {p['Sampler']!r} "
+                             f"{p.get('Schedule type') or ''} has no equivalent here; pass --scheduler")
+        args.scheduler = name
+    for key, flag in (("Lora", "--lora"), ("TI", "--embedding"), ("Model", "MODEL")):
+        if p.get(key) and not (key == "Model" and args.model is not None):
+            print(f"{PROG}: note: {args.from_png.name} was made with {key} {p[key]}; pass {flag} to use it",
+                  file=sys.stderr)
+
+
 def _check_args(args) -> None:
     from .noise import SEED_LIMIT
 
@@ -290,6 +348,8 @@ def cmd_generate(args) -> int:
     from .pipeline import Pipeline
 
     # Everything the command line can check is checked before the model loads.
+    if args.from_png is not None:
+        _settings_from_png(args)
     _check_args(args)
     image = _open_image(args.image, "--image", "RGB")
     mask = _open_image(args.mask, "--mask", "L")
@@ -386,6 +446,7 @@ def _parameters(args, settings: dict, img, seed: int, model_name: str, extra_par
                 controlnets) -> str:
     """The PNG's A1111-style text: the values the pipeline says it used (``out.settings``)."""
     from .png import control_fields, format_parameters
+    from .schedulers.a1111 import TO_A1111
 
     extra = {}
     if args.image is not None:
@@ -394,7 +455,11 @@ def _parameters(args, settings: dict, img, seed: int, model_name: str, extra_par
     extra.update(extra_params)
     extra.update(control_fields(_describe_controls(settings.get("controls", controls), controlnets)))
     extra["Version"] = f"controldiff {_version()}"
-    return format_parameters(args.prompt, args.negative, settings.get("steps"), settings.get("scheduler"),
+    name = settings.get("scheduler")
+    sampler, schedule = TO_A1111.get(name, (name, None))   # A1111's names, so A1111 reads them back
+    if schedule:
+        extra = {"Schedule type": schedule, **extra}
+    return format_parameters(args.prompt, args.negative, settings.get("steps"), sampler,
                              settings.get("guidance_scale"), seed, img.width, img.height, model_name, extra)
 
 

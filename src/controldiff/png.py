@@ -114,3 +114,37 @@ def read_parameters(path: str | Path) -> str | None:
         text = getattr(im, "text", None) or im.info
         value = text.get(KEY)
     return value if isinstance(value, str) else None
+
+
+# A1111's infotext parser (modules/infotext_utils.py, parse_generation_parameters): "Key: value"
+# pairs, values either plain up to the next comma or JSON-quoted strings
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """The fields of an A1111 ``parameters`` text, as A1111 reads them: ``Prompt``,
+    ``Negative prompt`` and every ``Key: value`` of the last line (quoted values unquoted,
+    ``Size: WxH`` also as ``Size-1``/``Size-2``). :func:`format_parameters` writes what this reads."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    res = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        m = _SIZE.match(value)
+        if m is not None:
+            res[f"{key}-1"], res[f"{key}-2"] = m.group(1), m.group(2)
+        res[key] = value
+    return res
