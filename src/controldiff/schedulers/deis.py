@@ -14,21 +14,28 @@ from .dpmsolver import DPMSolverMultistep, log_snr
 from .prediction import alpha_sigma, x0_eps
 
 
+def _log(x: torch.Tensor) -> torch.Tensor:
+    """numpy's float32 log, as the reference (torch.log differs in the last bit, and the
+    coefficients' cancellation turns that into ~1e-5 differences over a schedule)."""
+    return torch.as_tensor(np.log(x.detach().cpu().numpy()), device=x.device)
+
+
 def _log_rho_coefficient_2(t, b, c):
     """Integral of the linear Lagrange basis through log b, log c (2nd order)."""
-    return t * (-torch.log(c) + torch.log(t) - 1) / (torch.log(b) - torch.log(c))
+    return t * (-_log(c) + _log(t) - 1) / (_log(b) - _log(c))
 
 
 def _log_rho_coefficient_3(t, b, c, d):
     """Integral of the quadratic Lagrange basis through log b, log c, log d (3rd order)."""
-    lt, lc, ld = torch.log(t), torch.log(c), torch.log(d)
+    lt, lc, ld = _log(t), _log(c), _log(d)
     numerator = t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2)
-    return numerator / ((torch.log(b) - lc) * (torch.log(b) - ld))
+    return numerator / ((_log(b) - lc) * (_log(b) - ld))
 
 
 class DEIS(SigmaScheduler):
     name = "deis"
     CLASS_NAME = "DEISMultistepScheduler"
+    SIGMA_SCHEDULES = ("use_karras_sigmas",)  # the reference's exponential/beta sigmas are not implemented
     _missing_timestep_is_last = True
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,

@@ -38,6 +38,7 @@ def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool
 class DPMSolverSinglestep(DPMSolverMultistep):
     name = "dpmpp_2s"
     CLASS_NAME = "DPMSolverSinglestepScheduler"
+    SIGMA_SCHEDULES = ("use_karras_sigmas",)  # exponential/beta sigmas (the multistep's) are not implemented here
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
@@ -49,7 +50,8 @@ class DPMSolverSinglestep(DPMSolverMultistep):
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
-        self.name = "dpmpp_2s_karras" if self.config.use_karras_sigmas else "dpmpp_2s"
+        sde = "_sde" if self.config.algorithm_type == "sde-dpmsolver++" else ""
+        self.name = f"dpmpp_2s{sde}{'_karras' if self.config.use_karras_sigmas else ''}"
         self.order_list: list[int] = []
 
     def _reset(self) -> None:
@@ -77,6 +79,11 @@ class DPMSolverSinglestep(DPMSolverMultistep):
         else:
             sigma_last = 0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        if len(np.unique(timesteps.astype(np.int64))) < len(timesteps):  # the reference's step lookup breaks
+            raise ValueError(
+                f"scheduler: {self.name} gives repeated timesteps {timesteps.astype(np.int64).tolist()} for "
+                f"{num_inference_steps} steps with beta_schedule={cfg.beta_schedule!r}; use fewer karras steps or "
+                "another scheduler")
         self.sigmas = torch.from_numpy(sigmas).to(device=device)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
         self.num_inference_steps = num_inference_steps
