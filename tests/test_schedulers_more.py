@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -177,20 +178,47 @@ def test_errors_name_the_option():
     assert DPMSolverSinglestep({**sd1, "solver_type": "logrho"}).config.solver_type == "midpoint"
 
 
+PIPELINE_CASES = [
+    ("dpmpp_2s", "epsilon", {}), ("dpmpp_2s", "v_prediction", {"use_karras_sigmas": True}),
+    ("dpmpp_2s", "epsilon", {"algorithm_type": "sde-dpmsolver++"}),  # noise from the call's generator
+    ("deis", "epsilon", {}), ("deis", "v_prediction", {"use_karras_sigmas": True}),
+    ("deis", "epsilon", {"solver_order": 3}),
+]
+
+
+def _patched(path, name, extra):
+    """Our pipeline with this scheduler (patched in: not registered by name here)."""
+    mine = pipes.ours(path)
+    mine.make_scheduler = lambda name_=None: OURS[name](mine.scheduler_config, **extra)
+    return mine
+
+
+@pytest.mark.parametrize("name,prediction_type,extra", PIPELINE_CASES, ids=str)
+def test_txt2img_matches_diffusers_pipeline(tiny_model, name, prediction_type, extra):
+    """Equals StableDiffusionPipeline with the diffusers class, end to end."""
+    path = tiny_model("sd1", prediction_type=prediction_type)
+    ref = pipes.reference("StableDiffusionPipeline", path)
+    ref.scheduler = REF[name].from_config(ref.scheduler.config, **extra)
+    mine = _patched(path, name, extra)
+    for seed, steps, scale in ((0, 5, 7.5), (3, 4, 1.0)):
+        kw = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np", height=32, width=32)
+        expected = ref("a red cube", generator=torch.Generator().manual_seed(seed), **kw).images
+        got = mine("a red cube", generator=torch.Generator().manual_seed(seed), **kw).images
+        diff = float(np.abs(got - expected).max())
+        assert diff <= 1e-4, f"{name} {prediction_type} {extra} seed={seed}: max abs diff {diff}"
+
+
 @pytest.mark.parametrize("name", list(OURS))
-def test_txt2img_matches_diffusers_pipeline(tiny_model, name):
-    """Our pipeline with this scheduler (patched in: not registered by name here) equals
-    StableDiffusionPipeline with the diffusers class."""
-    for prediction_type, extra in (("epsilon", {}), ("v_prediction", {"use_karras_sigmas": True})):
-        path = tiny_model("sd1", prediction_type=prediction_type)
-        ref = pipes.reference("StableDiffusionPipeline", path)
-        ref.scheduler = REF[name].from_config(ref.scheduler.config, **extra)
-        mine = pipes.ours(path)
-        mine.make_scheduler = lambda name_=None: OURS[name](mine.scheduler_config, **extra)
-        for seed, steps, scale in ((0, 5, 7.5), (3, 4, 1.0)):
-            kw = dict(num_inference_steps=steps, guidance_scale=scale, output_type="np", height=32, width=32)
-            expected = ref("a red cube", generator=torch.Generator().manual_seed(seed), **kw).images
-            got = mine("a red cube", generator=torch.Generator().manual_seed(seed), **kw).images
-            diff = float(np.abs(got - expected).max())
-            print(f"{name} {prediction_type} {extra} seed={seed}: max abs diff {diff:.1e}")
-            assert diff <= 1e-4, f"{name} {prediction_type} seed={seed}: max abs diff {diff}"
+def test_img2img_matches_diffusers_pipeline(tiny_model, name):
+    """Part-way start: 9 steps at strength 0.5 begins on a singlestep group's second step."""
+    path = tiny_model("sd1")
+    ref = pipes.reference("StableDiffusionImg2ImgPipeline", path)
+    ref.scheduler = REF[name].from_config(ref.scheduler.config)
+    mine = _patched(path, name, {})
+    init = PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    for seed, steps, strength in ((0, 9, 0.5), (1, 6, 0.7)):
+        kw = dict(num_inference_steps=steps, strength=strength, guidance_scale=6.0, output_type="np")
+        expected = ref("a cat", image=init, generator=torch.Generator().manual_seed(seed), **kw).images
+        got = mine("a cat", image=init, generator=torch.Generator().manual_seed(seed), **kw).images
+        diff = float(np.abs(got - expected).max())
+        assert diff <= 1e-4, f"{name} img2img {steps}x{strength} seed={seed}: max abs diff {diff}"
