@@ -167,7 +167,7 @@ def test_config_round_trip_keeps_other_classes_keys():
     euler_a.set_timesteps(6)
     ref_a.set_timesteps(6)
     _check_schedule(euler_a, ref_a, "euler_a with foreign keys")
-    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"):
+    for name in ("dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "euler_karras"):
         assert S.from_config(S.create(name, sd1).config).name == name
 
 
@@ -268,6 +268,13 @@ def test_pndm_runge_kutta_warmup():
     {"beta_schedule": "squaredcos_cap_v2"},
     {"prediction_type": "sample"},
     {"use_karras_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"use_beta_sigmas": True},
+    {"use_exponential_sigmas": True, "timestep_spacing": "trailing"},
+    {"use_beta_sigmas": True, "timestep_spacing": "trailing"},
+    {"use_karras_sigmas": True, "timestep_spacing": "trailing"},
+    {"use_exponential_sigmas": True, "sigma_min": 0.1, "sigma_max": 8.0},
+    {"use_beta_sigmas": True, "final_sigmas_type": "sigma_min", "timestep_spacing": "leading"},
     {"final_sigmas_type": "sigma_min"},
     {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
     {"solver_order": 3, "timestep_spacing": "leading"},
@@ -310,6 +317,25 @@ def test_other_options(name, extra):
     ref.set_timesteps(8)
     _check_schedule(ours, ref, f"{name} {extra}")
     _run_lockstep(ours, ref, ref.timesteps, _start() * ref.init_noise_sigma, f"{name} {extra}", relative=True)
+
+
+@pytest.mark.parametrize("kind", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_sigma_schedules(name, kind):
+    """Karras, exponential and beta sigmas, also with sigma_min/max carried over from an
+    Euler config (the reference reads them whichever class saved them)."""
+    carried = {**CONFIGS["sdxl"], "sigma_min": 0.3, "sigma_max": 9.0}
+    for config_name, cfg in (("sd1", CONFIGS["sd1"]), ("sd2_v", CONFIGS["sd2_v"]), ("trailing", CONFIGS["trailing"]),
+                             ("carried", carried)):
+        for n in (3, 10):
+            ours, ref = S.create(name, {**cfg, kind: True}), REFERENCE[name]({**cfg, kind: True})
+            what = f"{name} {kind} {config_name} {n}"
+            ours.set_timesteps(n)
+            ref.set_timesteps(n)
+            _check_schedule(ours, ref, what)
+            _run_lockstep(ours, ref, ref.timesteps, _start() * ref.init_noise_sigma, what, relative=True)
+    with pytest.raises(ValueError, match="only one of"):
+        S.create(name, {**CONFIGS["sd1"], "use_karras_sigmas": True, "use_exponential_sigmas": True, kind: True})
 
 
 def test_lms_coefficient_matches_quadrature():

@@ -26,6 +26,7 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
     "pndm": PNDM,
     "lms": LMS,
     "euler": Euler,
+    "euler_karras": lambda config: Euler(config, use_karras_sigmas=True),
     "euler_a": EulerAncestral,
     "heun": Heun,
     "dpmpp_2m": DPMSolverMultistep,
@@ -48,6 +49,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
     "pndm": ("PNDMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
@@ -60,7 +62,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
     "tcd": ("TCDScheduler", {}),
 }
 
-# diffusers class name -> our name (DPM-Solver's karras and SDE flags are read from the config).
+# diffusers class name -> our name (Euler's and DPM-Solver's karras and SDE flags are read from the config).
 CLASS_NAMES: dict[str, str] = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
 
 
@@ -78,7 +80,7 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
         raise ValueError(
             f"scheduler config: unsupported _class_name {class_name!r}; supported: {', '.join(CLASS_NAMES)}"
         )
-    # DPM-Solver's name follows its config (karras sigmas, SDE variant): the instance says it
+    # Euler's and DPM-Solver's names follow the config (karras sigmas, SDE variant): the instance says it
     return create(CLASS_NAMES[class_name], config)
 
 

@@ -178,6 +178,31 @@ def karras_sigmas(in_sigmas: np.ndarray, n: int, sigma_min: float | None = None,
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(in_sigmas: np.ndarray, n: int, sigma_min: float | None = None,
+                       sigma_max: float | None = None) -> np.ndarray:
+    """Noise levels evenly spaced in log-sigma between the schedule's extremes (first = max)."""
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(in_sigmas: np.ndarray, n: int, sigma_min: float | None = None, sigma_max: float | None = None,
+                alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Noise levels at Beta(0.6, 0.6) quantiles (arXiv:2407.12173): dense at both ends."""
+    try:
+        import scipy.stats
+    except ImportError as e:  # scipy is optional: only this schedule needs it
+        raise ValueError("scheduler config: use_beta_sigmas=True needs scipy (pip install scipy)") from e
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    ppfs = [scipy.stats.beta.ppf(t, alpha, beta) for t in 1 - np.linspace(0, 1, n)]
+    return np.array([sigma_min + ppf * (sigma_max - sigma_min) for ppf in ppfs])
+
+
+SIGMA_SCHEDULES = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas,
+                   "use_beta_sigmas": beta_sigmas}
+
+
 def expand_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Flatten per-sample values and add trailing dims to broadcast against ``like``."""
     values = values.flatten()
@@ -214,12 +239,30 @@ class Scheduler:
         self._begin_index: int | None = None
         self._check_config()
 
+    SIGMA_SCHEDULES: tuple[str, ...] = ()  # the use_*_sigmas options this class implements
+    KARRAS_READS_BOUNDS = True  # LMS's reference Karras ignores sigma_min/sigma_max
+
     def _check_config(self) -> None:
         """Raise ValueError for options we do not implement."""
         for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
                     "use_lu_lambdas", "use_dynamic_shifting"):
-            if self.option(key):
+            if self.option(key) and key not in self.SIGMA_SCHEDULES:
                 raise ValueError(f"scheduler config: {key}=True is not supported by {self.name!r}")
+        chosen = [key for key in SIGMA_SCHEDULES if self.option(key)]
+        if len(chosen) > 1:
+            raise ValueError(f"scheduler config: only one of {', '.join(SIGMA_SCHEDULES)} can be True (got {chosen})")
+
+    def _sigma_schedule(self):
+        """The configured sigma re-spacing (Karras, exponential, beta), or None; it reads
+        sigma_min/sigma_max even when carried over from another class's config, as the
+        reference does (``hasattr(self.config, "sigma_min")``)."""
+        for key, schedule in SIGMA_SCHEDULES.items():
+            if self.option(key):
+                lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")
+                if key == "use_karras_sigmas" and not self.KARRAS_READS_BOUNDS:
+                    lo = hi = None
+                return lambda in_sigmas, n: schedule(in_sigmas, n, lo, hi)
+        return None
 
     def option(self, key: str) -> Any:
         """A config value this class accepts (None otherwise: carried-over keys of other
@@ -349,6 +392,8 @@ class SigmaScheduler(Scheduler):
 class KSigmaScheduler(SigmaScheduler):
     """k-diffusion-style (LMS, Euler, Heun): inputs scaled by 1/sqrt(sigma^2+1)."""
 
+    SIGMA_SCHEDULES = tuple(SIGMA_SCHEDULES)
+
     @property
     def init_noise_sigma(self):
         if self.config.timestep_spacing in ("linspace", "trailing"):
@@ -367,8 +412,9 @@ class KSigmaScheduler(SigmaScheduler):
         sigmas = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         sigmas = interp_sigmas(timesteps, sigmas)
-        if self.option("use_karras_sigmas"):
-            sigmas = karras_sigmas(sigmas, n, self.option("sigma_min"), self.option("sigma_max"))
+        schedule = self._sigma_schedule()
+        if schedule is not None:
+            sigmas = schedule(sigmas, n)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         return sigmas, timesteps
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import SigmaScheduler, expand_to, karras_sigmas, require, sigma_to_t, spaced_timesteps, train_sigmas
+from .base import SigmaScheduler, expand_to, require, sigma_to_t, spaced_timesteps, train_sigmas
 from .prediction import alpha_sigma, x0_eps
 
 
@@ -19,6 +19,7 @@ def log_snr(sigma):
 
 
 class DPMSolverMultistep(SigmaScheduler):
+    SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
     name = "dpmpp_2m"
     CLASS_NAME = "DPMSolverMultistepScheduler"
     ZERO_SNR_FIX = True
@@ -65,12 +66,13 @@ class DPMSolverMultistep(SigmaScheduler):
         last_timestep = (cfg.num_train_timesteps - clipped_idx).numpy().item()
         timesteps = spaced_timesteps(cfg, num_inference_steps, solver=True, last_timestep=last_timestep).astype(np.int64)
         sigmas = train_sigmas(self.alphas_cumprod)
-        if cfg.use_karras_sigmas:
+        schedule = self._sigma_schedule()
+        if schedule is not None:
             log_sigmas = np.log(sigmas)
-            sigmas = karras_sigmas(np.flip(sigmas).copy(), num_inference_steps)
+            sigmas = schedule(np.flip(sigmas).copy(), num_inference_steps)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
+            if cfg.use_karras_sigmas and cfg.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()  # (the reference rounds only Karras timesteps)
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         if cfg.final_sigmas_type == "sigma_min":

@@ -28,6 +28,8 @@ class Euler(KSigmaScheduler):
         require(self.config, "timestep_type", ("discrete", "continuous"))
         require(self.config, "final_sigmas_type", ("zero", "sigma_min"))
         require(self.config, "timestep_spacing", ("linspace", "leading", "trailing"))
+        if self.config.use_karras_sigmas:
+            self.name = "euler_karras"  # the registered name of this configuration
         # Before set_timesteps: the full training schedule (init_noise_sigma reads it).
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
@@ -42,8 +44,9 @@ class Euler(KSigmaScheduler):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         self.num_inference_steps = n = num_inference_steps
         if self.config.interpolation_type == "log_linear":
-            if self.config.use_karras_sigmas:
-                raise ValueError("scheduler config: use_karras_sigmas=True with interpolation_type='log_linear' is not supported")
+            for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+                if self.config[key]:
+                    raise ValueError(f"scheduler config: {key}=True with interpolation_type='log_linear' is not supported")
             timesteps = spaced_timesteps(self.config, n, round_linspace=False).astype(np.float32)
             base = train_sigmas(self.alphas_cumprod)
             sigmas = torch.linspace(np.log(base[-1]), np.log(base[0]), n + 1).exp().numpy()

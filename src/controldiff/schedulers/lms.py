@@ -28,6 +28,7 @@ class LMS(KSigmaScheduler):
         timestep_spacing="linspace", steps_offset=0,
     )
     max_order = 4
+    KARRAS_READS_BOUNDS = False
 
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
