@@ -25,6 +25,9 @@ STEPS = (1, 2, 3, 7, 10, 25)
 OPTIONS = [
     {},
     {"use_karras_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"use_beta_sigmas": True},
+    {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 9.0},  # bounds carried over from another class
     {"solver_order": 3},
     {"solver_order": 1},
     {"prediction_type": "sample"},
@@ -171,8 +174,12 @@ def test_errors_name_the_option():
         DEIS({**sd1, "solver_order": 4})
     with pytest.raises(ValueError, match="prediction_type"):
         DEIS({**sd1, "prediction_type": "flow_prediction"})
-    with pytest.raises(ValueError, match="use_exponential_sigmas"):
-        DPMSolverSinglestep({**sd1, "use_exponential_sigmas": True})
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        DPMSolverSinglestep({**sd1, "use_flow_sigmas": True})
+    with pytest.raises(ValueError, match="only one of"):
+        DEIS({**sd1, "use_karras_sigmas": True, "use_beta_sigmas": True})
+    with pytest.raises(ValueError, match="repeats its first timestep"):  # the reference fails with an IndexError
+        DPMSolverSinglestep({**sd1, "beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}).set_timesteps(8)
     # other solvers' names map to these classes' own, as the reference
     assert DEIS({**sd1, "algorithm_type": "dpmsolver++", "solver_type": "bh2"}).config.algorithm_type == "deis"
     assert DPMSolverSinglestep({**sd1, "solver_type": "logrho"}).config.solver_type == "midpoint"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SigmaScheduler, karras_sigmas, require, sigma_to_t, spaced_timesteps, train_sigmas
+from .base import SigmaScheduler, require, sigma_to_t, spaced_timesteps, train_sigmas
 from .dpmsolver import DPMSolverMultistep, log_snr
 from .prediction import alpha_sigma, x0_eps
 
@@ -35,7 +35,7 @@ def _log_rho_coefficient_3(t, b, c, d):
 class DEIS(SigmaScheduler):
     name = "deis"
     CLASS_NAME = "DEISMultistepScheduler"
-    SIGMA_SCHEDULES = ("use_karras_sigmas",)  # the reference's exponential/beta sigmas are not implemented
+    SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
     _missing_timestep_is_last = True
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
@@ -70,11 +70,13 @@ class DEIS(SigmaScheduler):
         cfg = self.config
         timesteps = spaced_timesteps(cfg, num_inference_steps, solver=True).astype(np.int64)
         sigmas = train_sigmas(self.alphas_cumprod)
-        if cfg.use_karras_sigmas:
+        schedule = self._sigma_schedule()
+        if schedule is not None:
             log_sigmas = np.log(sigmas)
-            # sigma_min/sigma_max are read from the config when another class left them there, as the reference
-            sigmas = karras_sigmas(np.flip(sigmas).copy(), num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+            sigmas = schedule(np.flip(sigmas).copy(), num_inference_steps)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if cfg.use_karras_sigmas:
+                timesteps = timesteps.round()  # (the reference rounds only Karras timesteps)
             sigmas = np.concatenate([sigmas, sigmas[-1:]]).astype(np.float32)
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .base import sigma_to_t, spaced_timesteps, train_sigmas
 from .dpmsolver import DPMSolverMultistep, log_snr
 
 
@@ -38,7 +38,6 @@ def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool
 class DPMSolverSinglestep(DPMSolverMultistep):
     name = "dpmpp_2s"
     CLASS_NAME = "DPMSolverSinglestepScheduler"
-    SIGMA_SCHEDULES = ("use_karras_sigmas",)  # exponential/beta sigmas (the multistep's) are not implemented here
     DEFAULTS = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
@@ -67,11 +66,13 @@ class DPMSolverSinglestep(DPMSolverMultistep):
         timesteps = spaced_timesteps(spacing, num_inference_steps, solver=True,
                                      last_timestep=n_train - clipped_idx).astype(np.int64)
         sigmas = train_sigmas(self.alphas_cumprod)
-        if cfg.use_karras_sigmas:
+        schedule = self._sigma_schedule()
+        if schedule is not None:
             log_sigmas = np.log(sigmas)
-            # sigma_min/sigma_max are read from the config when another class left them there, as the reference
-            sigmas = karras_sigmas(np.flip(sigmas).copy(), num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+            sigmas = schedule(np.flip(sigmas).copy(), num_inference_steps)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if cfg.use_karras_sigmas:
+                timesteps = timesteps.round()  # (the reference rounds only Karras timesteps)
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         if cfg.final_sigmas_type == "sigma_min":
@@ -79,9 +80,10 @@ class DPMSolverSinglestep(DPMSolverMultistep):
         else:
             sigma_last = 0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        if len(np.unique(timesteps.astype(np.int64))) < len(timesteps):  # the reference's step lookup breaks
+        first = timesteps.astype(np.int64) == int(timesteps[0])
+        if first.sum() > 1:  # the first step's lookup lands on the repeat: the reference runs off its order list
             raise ValueError(
-                f"scheduler: {self.name} gives repeated timesteps {timesteps.astype(np.int64).tolist()} for "
+                f"scheduler: {self.name} repeats its first timestep {timesteps.astype(np.int64).tolist()} for "
                 f"{num_inference_steps} steps with beta_schedule={cfg.beta_schedule!r}; use fewer karras steps or "
                 "another scheduler")
         self.sigmas = torch.from_numpy(sigmas).to(device=device)
