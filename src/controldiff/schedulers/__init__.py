@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 from .base import Scheduler, SchedulerConfig
 from .ddim import DDIM
 from .ddpm import DDPM
+from .deis import DEIS
+from .dpm_singlestep import DPMSolverSinglestep
 from .dpmsolver import DPMSolverMultistep
 from .euler import Euler, EulerAncestral
 from .heun import Heun
@@ -34,6 +36,9 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
     "dpmpp_2m_sde": lambda config: DPMSolverMultistep(config, algorithm_type="sde-dpmsolver++"),
     "dpmpp_2m_sde_karras": lambda config: DPMSolverMultistep(config, algorithm_type="sde-dpmsolver++",
                                                              use_karras_sigmas=True),
+    "dpmpp_2s": DPMSolverSinglestep,
+    "dpmpp_2s_karras": lambda config: DPMSolverSinglestep(config, use_karras_sigmas=True),
+    "deis": DEIS,
     "unipc": UniPC,
     "lcm": LCM,
     "tcd": TCD,
@@ -57,6 +62,9 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                             "use_karras_sigmas": True}),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
+    "dpmpp_2s_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "deis": ("DEISMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
@@ -87,5 +95,5 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
 __all__ = [
     "NAMES", "CLASS_NAMES", "DIFFUSERS_EQUIVALENT", "create", "from_config", "Scheduler", "SchedulerConfig",
     "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
-    "LCM", "TCD",
+    "LCM", "TCD", "DPMSolverSinglestep", "DEIS",
 ]
