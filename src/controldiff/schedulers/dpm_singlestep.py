@@ -15,7 +15,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import sigma_to_t, spaced_timesteps, train_sigmas
-from .dpmsolver import DPMSolverMultistep, log_snr
+from .dpmsolver import DPMSolverMultistep, log_snr, second_order_update
 
 
 def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool) -> list[int]:
@@ -106,19 +106,8 @@ class DPMSolverSinglestep(DPMSolverMultistep):
         h, h_0 = lambda_t - lambda_s1, lambda_s0 - lambda_s1
         r0 = h_0 / h
         D0, D1 = m1, 1.0 / r0 * (m0 - m1)
-        midpoint = self.config.solver_type == "midpoint"
-        if noise is None:
-            if midpoint:
-                return sigma_t / sigma_s1 * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
-                    - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
-            return sigma_t / sigma_s1 * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
-                + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
-        base = sigma_t / sigma_s1 * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
-        if midpoint:
-            base = base + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-        else:
-            base = base + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
-        return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        return second_order_update(sample, noise, alpha_t, sigma_t, sigma_s1, h, D0, D1,
+                                   self.config.solver_type == "midpoint")
 
     def _third_order(self, sample, noise):
         """From the group's start s2 over s1 and s0 to t."""

@@ -18,6 +18,23 @@ def log_snr(sigma):
     return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
 
 
+def second_order_update(sample, noise, alpha_t, sigma_t, sigma_s, h, D0, D1, midpoint: bool):
+    """DPM-Solver++(2M) / (2S)'s second-order update from level s over step h (noise: the SDE
+    variant), in the reference's order of operations."""
+    if noise is None:
+        if midpoint:
+            return sigma_t / sigma_s * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
+                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
+        return sigma_t / sigma_s * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
+            + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+    base = sigma_t / sigma_s * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
+    if midpoint:
+        base = base + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
+    else:
+        base = base + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+    return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+
+
 class DPMSolverMultistep(SigmaScheduler):
     SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
     name = "dpmpp_2m"
@@ -113,19 +130,8 @@ class DPMSolverMultistep(SigmaScheduler):
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
         r0 = h_0 / h
         D0, D1 = m0, 1.0 / r0 * (m0 - m1)
-        midpoint = self.config.solver_type == "midpoint"
-        if noise is None:
-            if midpoint:
-                return sigma_t / sigma_s0 * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
-                    - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
-            return sigma_t / sigma_s0 * sample - alpha_t * (torch.exp(-h) - 1.0) * D0 \
-                + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
-        base = sigma_t / sigma_s0 * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
-        if midpoint:
-            base = base + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-        else:
-            base = base + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
-        return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        return second_order_update(sample, noise, alpha_t, sigma_t, sigma_s0, h, D0, D1,
+                                   self.config.solver_type == "midpoint")
 
     def _third_order(self, sample, noise):
         i = self._step_index
