@@ -14,6 +14,7 @@ import torch
 
 import controldiff as cd
 from pipes import ours as _pipe
+from tiny_models import build_controlnet
 
 
 def _control_image(size, seed=0):
@@ -29,13 +30,8 @@ def tiny_controls(tmp_path_factory, tiny_model):
     out = {}
     for family in ("sd1", "sdxl"):
         unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_model(family) / "unet")
-        torch.manual_seed(1)
-        cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
-                                                 load_weights_from_unet=False)
-        for p in cn.parameters():  # zero-initialised convs would make ControlNet a no-op
-            torch.nn.init.normal_(p, std=0.05)
-        cn_dir = tmp_path_factory.mktemp(f"cn-{family}")
-        cn.save_pretrained(cn_dir)
+        torch.manual_seed(1)   # the adapter below draws from the global generator
+        cn_dir = build_controlnet(tiny_model(family), tmp_path_factory.mktemp(f"cn-{family}"))
         kind = "full_adapter_xl" if family == "sdxl" else "full_adapter"
         ad = diffusers.T2IAdapter(in_channels=3, channels=list(unet.config.block_out_channels), num_res_blocks=1,
                                   downscale_factor=8 if family == "sd1" else 16, adapter_type=kind)

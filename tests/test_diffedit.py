@@ -20,6 +20,7 @@ import controldiff as cd
 import diffusers
 from controldiff.controls.diffedit import DiffEdit
 from pipes import ours, reference
+from tiny_models import build_controlnet
 from pictures import photo
 
 TOL = 1e-4
@@ -212,15 +213,9 @@ def test_batch_and_images_per_prompt(sd1):
 # ---------------------------------------------------------------------------- composition
 @pytest.fixture(scope="module")
 def controlnet(tiny_model, tmp_path_factory):
-    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_model("sd1") / "unet")
-    torch.manual_seed(1)
-    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
-                                             load_weights_from_unet=False)
-    for p in cn.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    folder = tmp_path_factory.mktemp("cn-diffedit")
-    cn.save_pretrained(folder)
-    return cd.load_controlnet(folder)
+    import controldiff as cd
+
+    return cd.load_controlnet(build_controlnet(tiny_model("sd1"), tmp_path_factory.mktemp("cn-diffedit")))
 
 
 def test_composes_with_sag_pag_controlnet_lora_embeddings_and_weights(sd1, controlnet, tmp_path):

@@ -25,6 +25,7 @@ from controldiff import tiny
 from controldiff.controls.ledits import LEdits
 from controldiff.controls.sega import Concept
 from pipes import ours, reference
+from tiny_models import build_controlnet
 from pictures import photo
 from tiny_models import perturb_norms
 
@@ -329,14 +330,7 @@ def test_composes_with_controlnet_sag_pag_lora_embeddings_and_weights(models, tm
     from test_lora import make_lora
 
     path = models["sd1-mask"]
-    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
-    torch.manual_seed(1)
-    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
-                                             load_weights_from_unet=False)
-    for p in cn.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    cn.save_pretrained(tmp_path / "cn")
-    controlnet = cd.load_controlnet(tmp_path / "cn")
+    controlnet = cd.load_controlnet(build_controlnet(path, tmp_path / "cn"))
     pipe = ours(path)
     pipe.load_lora(make_lora(path, "sd1", tmp_path), weight=0.8)
     save_file({"<tex>": torch.randn(2, 32, generator=gen(0)) * 2}, str(tmp_path / "emb.safetensors"))

@@ -16,6 +16,7 @@ import torch
 import diffusers
 from controldiff.controls.pix2pix_zero import Pix2PixZero, attention_sites
 from pipes import ours, reference
+from tiny_models import build_controlnet
 from pictures import photo
 
 TOL = 1e-4
@@ -204,18 +205,10 @@ def test_settings_and_zero_amount(sd1):
 
 # ---------------------------------------------------------------------------- composition
 @pytest.fixture(scope="module")
-def controlnet(tmp_path_factory, tiny_model):
+def controlnet(tiny_model, tmp_path_factory):
     import controldiff as cd
 
-    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_model("sd1") / "unet")
-    torch.manual_seed(1)
-    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
-                                             load_weights_from_unet=False)
-    for p in cn.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    folder = tmp_path_factory.mktemp("p2pz-cn")
-    cn.save_pretrained(folder)
-    return cd.load_controlnet(folder)
+    return cd.load_controlnet(build_controlnet(tiny_model("sd1"), tmp_path_factory.mktemp("p2pz-cn")))
 
 
 def test_composes_with_controlnet_sag_and_pag(sd1, controlnet):

@@ -149,3 +149,19 @@ def build_folder(
         _write_json(root / "scheduler" / "scheduler_config.json", sched)
         _write_json(root / "model_index.json", index)
     return root
+
+
+def build_controlnet(model: Path, out: Path, seed: int = 1, std: float = 0.05) -> Path:
+    """A diffusers ControlNet shaped after the tiny model's UNet, saved in ``out``, every weight
+    drawn N(0, std) (diffusers zero-initialises the output convs: a no-op control)."""
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(Path(model) / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
+                                                 load_weights_from_unet=False)
+        for p in cn.parameters():
+            torch.nn.init.normal_(p, std=std)
+    cn.save_pretrained(out)
+    return Path(out)
