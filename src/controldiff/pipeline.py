@@ -40,6 +40,7 @@ def _set_up(controls: Sequence[Control], ctx: Context):
     """Each control's ``setup`` in order; on leaving, ``teardown`` of every control whose
     setup ran, in reverse order, whatever happened in between."""
     ready: list[Control] = []
+    ctx.controls = tuple(controls)
     try:
         for c in controls:
             c.setup(ctx)

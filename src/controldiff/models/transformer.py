@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+
+TokenMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def keep(x: torch.Tensor) -> torch.Tensor:
+    """The identity token map: a sub-layer that merges nothing."""
+    return x
+
+
+NO_MERGE = ((keep, keep),) * 3
 
 
 class GEGLU(nn.Module):
@@ -37,7 +49,12 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm block: ``x += attn1(norm1(x))``; ``x += attn2(norm2(x), context)``; ``x += ff(norm3(x))``."""
+    """Pre-norm block: ``x += attn1(norm1(x))``; ``x += attn2(norm2(x), context)``; ``x += ff(norm3(x))``.
+
+    ``token_merge`` (a plain attribute, None by default; set by a control for one run, e.g.
+    ToMe) lets the sub-layers run on fewer tokens: ``token_merge(x)`` returns a ``(merge,
+    unmerge)`` pair of token maps for each of attn1, attn2 and ff, and each computes
+    ``x += unmerge(sublayer(merge(norm(x))))``."""
 
     def __init__(
         self,
@@ -59,11 +76,13 @@ class BasicTransformerBlock(nn.Module):
         )
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.ff = FeedForward(dim, dropout=dropout)
+        self.token_merge: Optional[Callable[[torch.Tensor], tuple[tuple[TokenMap, TokenMap], ...]]] = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), encoder_hidden_states=context) + x
-        return self.ff(self.norm3(x)) + x
+        (m1, u1), (m2, u2), (m3, u3) = NO_MERGE if self.token_merge is None else self.token_merge(x)
+        x = u1(self.attn1(m1(self.norm1(x)))) + x
+        x = u2(self.attn2(m2(self.norm2(x)), encoder_hidden_states=context)) + x
+        return u3(self.ff(m3(self.norm3(x)))) + x
 
 
 class Transformer2DModel(nn.Module):

@@ -198,6 +198,7 @@ class Context:
     tokenize: Optional[Callable[[str], list]] = None  # text -> token ids (first tokenizer, no BOS/EOS)
     extras: Dict[str, Any] = field(default_factory=dict)  # free for user controls to share state
     step_kwargs: Dict[str, Any] = field(default_factory=dict)  # this run's extra scheduler.step arguments (eta), set by the loop
+    controls: tuple = ()                      # this run's controls in order (set before setup: refusing combinations)
 
     @property
     def device(self) -> torch.device:
