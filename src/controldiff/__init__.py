@@ -20,6 +20,7 @@ from .controls.pix2pix_zero import Pix2PixZero
 from .controls.sag import SAG
 from .controls.sega import SEGA, Concept
 from .controls.t2i_adapter import T2IAdapter
+from .controls.tome import ToMe
 from .loading.control_models import load_controlnet, load_t2i_adapter
 from .inversion import Inversion
 from .pipeline import Output, Pipeline
@@ -31,6 +32,7 @@ __all__ = [
     "SEGA", "Concept", "SAG", "PAG", "ControlNet", "T2IAdapter", "load_controlnet", "load_t2i_adapter",
     "MultiDiffusion", "Regions", "Region", "InstructPix2Pix", "Depth",
     "AttendAndExcite", "FABRIC", "CLIPGuidance", "Pix2PixZero", "DiffEdit", "LEdits",
+    "ToMe",
     "Control", "Branch", "Context", "ModelCall", "Step", "View",
 ]
 __version__ = "0.1.0"

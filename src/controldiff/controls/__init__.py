@@ -1,0 +1,1 @@
+from .tome import ToMe
