@@ -8,6 +8,7 @@
 from .controls.attend_excite import AttendAndExcite
 from .controls.clip_guidance import CLIPGuidance
 from .controls.controlnet import ControlNet
+from .controls.deepcache import DeepCache
 from .controls.depth import Depth
 from .controls.diffedit import DiffEdit
 from .controls.fabric import FABRIC
@@ -31,7 +32,7 @@ __all__ = [
     "Pipeline", "Output", "Inversion", "SCHEDULERS",
     "SEGA", "Concept", "SAG", "PAG", "ControlNet", "T2IAdapter", "load_controlnet", "load_t2i_adapter",
     "MultiDiffusion", "Regions", "Region", "InstructPix2Pix", "Depth",
-    "AttendAndExcite", "FABRIC", "CLIPGuidance", "Pix2PixZero", "DiffEdit", "LEdits",
+    "AttendAndExcite", "FABRIC", "CLIPGuidance", "Pix2PixZero", "DiffEdit", "LEdits", "DeepCache",
     "ToMe",
     "Control", "Branch", "Context", "ModelCall", "Step", "View",
 ]

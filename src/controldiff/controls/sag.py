@@ -8,7 +8,8 @@ text and any residuals other controls added); the guidance is
 
 Only that one site gets a processor, and only for this call: it leaves every row's
 output to the inner (default) computation and computes explicit-softmax maps for the
-rows it reads.
+rows it reads. A call that skips the mid block (a DeepCache cached step) uses the map of
+the last call that ran it, as DeepCache reuses the deep features themselves.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class SAG(Control):
         self._probs = None
 
     def setup(self, ctx):
+        self._probs = None
         if self.scale == 0:
             return
         if SITE not in ctx.unet.attention_sites():
@@ -57,7 +59,6 @@ class SAG(Control):
         if self.scale == 0:
             return
         rows = call.rows(self._source(call))
-        self._probs = None
 
         def wrap(inner):
             def read_map(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
@@ -81,12 +82,14 @@ class SAG(Control):
         x = call.x[rows, :channels]   # the model input: alpha * x0 + sigma * eps for every scheduler
         x0, eps = step.x0_eps(out, x)
         degraded = self._degrade(ctx, step, x0, self._probs, eps)
-        self._probs = None
         if call.x.shape[1] > channels:   # extra input channels (inpainting): as the branch had them
             degraded = torch.cat([degraded, call.x[rows, channels:]], dim=1)
         text, time_ids, extra = call.branch_inputs(src)
         degraded_pred = ctx.run_unet(degraded, step.t, text, time_ids=time_ids, **extra)
         return pred + self.scale * (out - degraded_pred)
+
+    def teardown(self, ctx):
+        self._probs = None
 
     def _degrade(self, ctx, step, x0, probs, eps):
         """Blur x0 where the map is attended most, then noise it back to this step's level."""

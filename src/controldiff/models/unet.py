@@ -3,10 +3,13 @@
 Built from a diffusers ``unet/config.json`` dict; ``state_dict()`` keys equal diffusers',
 so weights load with ``load_state_dict(strict=True)``. Attention modules are addressable
 by name (:meth:`UNet2DConditionModel.attention_sites`) and take processors for the
-duration of a ``with`` (:meth:`UNet2DConditionModel.attention_processors`).
+duration of a ``with`` (:meth:`UNet2DConditionModel.attention_processors`). A
+:class:`SkipCache` lets an evaluation record, or reuse, the up path's input at one skip
+branch (DeepCache).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -108,6 +111,25 @@ def _check(config: Config) -> None:
 
 def _per_block(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+@dataclass
+class SkipCache:
+    """The up path's input at one skip branch, kept between UNet evaluations (DeepCache).
+
+    The branch is the ``layer``-th skip of resolution level ``level`` (0 = the finest;
+    layer 0 = the level's input, k = after its k-th layer). Passed as ``skip_cache=`` it
+    serves one evaluation, then ``used`` is set (re-runs that copy the call's keyword
+    arguments, as SAG's, run in full and leave it alone). With ``feature`` None the
+    evaluation runs in full and records it; with ``feature`` set only the shallow part runs:
+    the down path to that skip, then the up path from it, ``feature`` standing for
+    everything deeper (deeper down layers, mid block, deeper up layers).
+    """
+
+    level: int
+    layer: int
+    feature: Optional[torch.Tensor] = None
+    used: bool = False
 
 
 class UNet2DConditionModel(Model):
@@ -223,12 +245,19 @@ class UNet2DConditionModel(Model):
         down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
         mid_block_additional_residual: Optional[torch.Tensor] = None,
         down_intrablock_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        skip_cache: Optional[SkipCache] = None,
     ) -> torch.Tensor:
         """Residuals as in diffusers: ControlNet's ``down_block_additional_residuals`` (one per
         skip) and ``mid_block_additional_residual`` are added to the skips and the mid output;
         T2I-Adapter's ``down_intrablock_additional_residuals`` are added inside the down blocks
-        (one per block, plus one for the mid block if the shapes match, as for T2I-Adapter-XL)."""
+        (one per block, plus one for the mid block if the shapes match, as for T2I-Adapter-XL).
+        ``skip_cache``: see :class:`SkipCache` (residuals then act on the skips that run)."""
         cfg = self.config
+        cache = skip_cache if skip_cache is not None and not skip_cache.used else None
+        reuse = cache is not None and cache.feature is not None
+        if cache is not None:
+            cache.used = True
+            cut_block = len(self.up_blocks) - 1 - cache.level   # the up block holding the branch
         context = encoder_hidden_states
         up_factor = 2**self.num_upsamplers
         forward_upsample_size = any(d % up_factor != 0 for d in sample.shape[-2:])
@@ -246,27 +275,43 @@ class UNet2DConditionModel(Model):
 
         sample = self.conv_in(sample)
         skips = [sample]
-        for block in self.down_blocks:
+        for i, block in enumerate(self.down_blocks):
+            if reuse and i > cache.level:
+                break
             extra = intrablock.pop(0) if intrablock else None
-            sample, block_skips = block(sample, emb, context, extra)
+            stop = cache.layer if reuse and i == cache.level else None
+            sample, block_skips = block(sample, emb, context, extra, stop=stop)
             skips.extend(block_skips)
 
-        if is_controlnet:
+        if is_controlnet:  # (a shallow pass has fewer skips: the first ones)
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
 
-        if self.mid_block is not None:
+        if reuse:
+            sample = cache.feature
+            if sample.shape[0] != skips[0].shape[0]:
+                raise ValueError(f"skip_cache: the cached feature has batch {sample.shape[0]}, "
+                                 f"this evaluation {skips[0].shape[0]}")
+        elif self.mid_block is not None:
             sample = self.mid_block(sample, emb, context)
             if intrablock and sample.shape == intrablock[0].shape:
                 sample = sample + intrablock.pop(0)
-        if is_controlnet:
+        if is_controlnet and not reuse:
             sample = sample + mid_block_additional_residual
 
         last = len(self.up_blocks) - 1
         for i, block in enumerate(self.up_blocks):
-            n = len(block.resnets)
+            cut = len(block.resnets) - 1 - cache.layer if cache is not None and i == cut_block else None
+            if reuse and i < cut_block:
+                continue
+            start = cut if reuse and i == cut_block else 0
+            n = len(block.resnets) - start
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < last else None
-            sample = block(sample, block_skips, emb, context, upsample_size)
+            if cut is not None and not reuse:  # record the up path's input at the branch
+                sample = block(sample, block_skips[n - cut:], emb, context, stop=cut)
+                cache.feature = sample
+                block_skips, start = block_skips[:n - cut], cut
+            sample = block(sample, block_skips, emb, context, upsample_size, start=start)
 
         sample = F.silu(self.conv_norm_out(sample))
         return self.conv_out(sample)

@@ -4,6 +4,10 @@ Down blocks return ``(hidden, skips)``; up blocks consume skips from the end. Th
 ``extra`` argument of the down blocks is the T2I-Adapter ("intrablock") residual, added
 where diffusers adds it: inside a cross-attention block after its last transformer, after
 a plain block (and then the block's last skip carries it too, as in diffusers).
+
+``stop`` / ``start`` run only some layers (DeepCache's shallow pass): a down block's first
+``stop`` layers (no downsampler, no ``extra``); an up block's layers ``start:stop`` (its
+upsampler only when it runs to the end), given the skips of those layers.
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ class DownBlock2D(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
 
-    def forward(self, x, temb, context=None, extra: Optional[torch.Tensor] = None):
+    def forward(self, x, temb, context=None, extra: Optional[torch.Tensor] = None, stop: Optional[int] = None):
         skips = []
-        for resnet in self.resnets:
+        for resnet in self.resnets[:stop]:
             x = resnet(x, temb)
             skips.append(x)
+        if stop is not None:
+            return x, skips
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
@@ -64,14 +70,16 @@ class CrossAttnDownBlock2D(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
 
-    def forward(self, x, temb, context, extra: Optional[torch.Tensor] = None):
+    def forward(self, x, temb, context, extra: Optional[torch.Tensor] = None, stop: Optional[int] = None):
         skips = []
         last = len(self.resnets) - 1
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+        for i, (resnet, attn) in enumerate(zip(self.resnets[:stop], self.attentions[:stop])):
             x = attn(resnet(x, temb), context)
             if i == last and extra is not None:
                 x = x + extra
             skips.append(x)
+        if stop is not None:
+            return x, skips
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
@@ -116,10 +124,10 @@ class UpBlock2D(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x, skips: Sequence[torch.Tensor], temb, context=None, upsample_size=None):
-        for resnet, skip in zip(self.resnets, reversed(skips)):
+    def forward(self, x, skips: Sequence[torch.Tensor], temb, context=None, upsample_size=None, start=0, stop=None):
+        for resnet, skip in zip(self.resnets[start:stop], reversed(skips)):
             x = resnet(torch.cat([x, skip], dim=1), temb)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -143,10 +151,10 @@ class CrossAttnUpBlock2D(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x, skips: Sequence[torch.Tensor], temb, context, upsample_size=None):
-        for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips)):
+    def forward(self, x, skips: Sequence[torch.Tensor], temb, context, upsample_size=None, start=0, stop=None):
+        for resnet, attn, skip in zip(self.resnets[start:stop], self.attentions[start:stop], reversed(skips)):
             x = attn(resnet(torch.cat([x, skip], dim=1), temb), context)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
