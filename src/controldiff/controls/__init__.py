@@ -1,1 +1,2 @@
 from .tome import ToMe
+from .deepcache import DeepCache
