@@ -2,12 +2,10 @@
 names are ours, and ``generate --from-png`` remakes an image from its PNG.
 
 ``a1111_parse`` is A1111's ``parse_generation_parameters`` (modules/infotext_utils.py,
-AUTOMATIC1111/stable-diffusion-webui), transcribed without its UI-specific fix-ups.
+AUTOMATIC1111/stable-diffusion-webui), vendored in tests/reference/a1111_infotext.py without its
+UI-specific fix-ups.
 """
 from __future__ import annotations
-
-import json
-import re
 
 import numpy as np
 import pytest
@@ -15,53 +13,8 @@ from PIL import Image
 
 from controldiff.png import format_parameters, parse_parameters, read_parameters, write_png
 from controldiff.schedulers.a1111 import from_a1111
+from reference.a1111_infotext import parse_generation_parameters as a1111_parse
 from test_cli import FAST, home, demo_home, run  # noqa: F401  (fixtures)
-
-re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-re_imagesize = re.compile(r"^(\d+)x(\d+)$")
-
-
-def a1111_parse(x: str) -> dict:
-    def unquote(text):
-        if len(text) == 0 or text[0] != '"' or text[-1] != '"':
-            return text
-        try:
-            return json.loads(text)
-        except Exception:
-            return text
-
-    res = {}
-    prompt = ""
-    negative_prompt = ""
-    done_with_prompt = False
-    *lines, lastline = x.strip().split("\n")
-    if len(re_param.findall(lastline)) < 3:
-        lines.append(lastline)
-        lastline = ''
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            done_with_prompt = True
-            line = line[16:].strip()
-        if done_with_prompt:
-            negative_prompt += ("" if negative_prompt == "" else "\n") + line
-        else:
-            prompt += ("" if prompt == "" else "\n") + line
-    res["Prompt"] = prompt
-    res["Negative prompt"] = negative_prompt
-    for k, v in re_param.findall(lastline):
-        try:
-            if v[0] == '"' and v[-1] == '"':
-                v = unquote(v)
-            m = re_imagesize.match(v)
-            if m is not None:
-                res[f"{k}-1"] = m.group(1)
-                res[f"{k}-2"] = m.group(2)
-            else:
-                res[k] = v
-        except Exception:
-            print(f"Error parsing \"{k}: {v}\"")
-    return res
 
 
 TEXTS = [

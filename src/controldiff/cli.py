@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'DPM++ 2M Karras'; default: the model folder's)")
     g.add_argument("--seed", type=_seed, help="random seed in [0, 2**64) (default: a random one, printed and saved)")
     g.add_argument("--from-png", type=Path, metavar="IMAGE", dest="from_png",
-                   help="take prompt, negative, steps, sampler, CFG, seed, size and clip skip from a PNG's "
-                        "A1111 'parameters' text (ours or A1111's); options given here win")
+                   help="remake an image from a PNG's A1111 'parameters' text (ours or A1111's): prompt, "
+                        "negative, steps, sampler, CFG, seed, size, clip skip, LoRAs (with --lora-dir), "
+                        "ControlNet settings; warns where a file's hash differs; options given here win")
     g.add_argument("--num-images", type=_positive_int, default=1, dest="num_images", metavar="N",
                    help="number of images; image i uses seed + i (default: 1)")
     g.add_argument("--image", type=Path, metavar="PATH", help="init image (img2img, or inpainting with --mask)")
@@ -151,13 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace existing files named by --out")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA file (kohya or peft/diffusers), repeatable; weight default 1.0")
+    g.add_argument("--lora-dir", action="append", default=[], type=Path, metavar="DIR", dest="lora_dirs",
+                   help="folder of LoRA files for <lora:NAME:WEIGHT> tags in the prompt (NAME.safetensors, "
+                        ".pt or .ckpt, searched recursively), repeatable")
     g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="textual inversion embedding, repeatable; token default: from the file")
+    g.add_argument("--embedding-dir", action="append", default=[], type=Path, metavar="DIR",
+                   dest="embedding_dirs",
+                   help="folder of embeddings (NAME.pt/.safetensors/.bin): those whose NAME is a word of the "
+                        "prompt or negative prompt are loaded, as A1111 does; repeatable")
     g.add_argument("--prompt-syntax", choices=("a1111", "compel", "none"), default="a1111",
                    help="prompt weighting syntax: (word:1.2) / word+ / plain (default: a1111)")
     g.add_argument("--clip-skip", type=_positive_int, metavar="N", help="skip the last N text encoder layers")
     g.add_argument("--controlnet", action="append", default=[], metavar="PATH:IMAGE[:SCALE]",
-                   help="ControlNet folder (or file) and its control image, repeatable")
+                   help="ControlNet folder (or file) and its control image, repeatable; with --from-png, the "
+                        "PNG's unit for that model gives start, end and (without SCALE) the weight")
     g.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="weights dtype (default: float16 on cuda, float32 on cpu)")
@@ -232,8 +241,8 @@ def _model_path(model: str | None) -> tuple[Path, bool]:
     return path, False
 
 
-def _settings_from_png(args) -> None:
-    """Fill the options left unset from the PNG's infotext (A1111's fields)."""
+def _settings_from_png(args) -> dict[str, str]:
+    """Fill the options left unset from the PNG's infotext (A1111's fields); return the fields."""
     from .png import parse_parameters, read_parameters
     from .schedulers.a1111 import from_a1111
 
@@ -268,10 +277,54 @@ def _settings_from_png(args) -> None:
             raise UsageError(f"argument --from-png: {args.from_png}: sampler {p['Sampler']!r} "
                              f"{p.get('Schedule type') or ''} has no equivalent here; pass --scheduler")
         args.scheduler = name
-    for key, flag in (("Lora", "--lora"), ("TI", "--embedding"), ("Model", "MODEL")):
-        if p.get(key) and not (key == "Model" and args.model is not None):
-            print(f"{PROG}: note: {args.from_png.name} was made with {key} {p[key]}; pass {flag} to use it",
-                  file=sys.stderr)
+    if p.get("Model") and args.model is None:
+        made = p["Model"] + (f" (hash {p['Model hash']})" if p.get("Model hash") else "")
+        _note(args, f"was made with Model {made}; pass MODEL to use it")
+    return p
+
+
+def _note(args, text: str, kind: str = "note") -> None:
+    print(f"{PROG}: {kind}: {args.from_png.name} {text}", file=sys.stderr)
+
+
+def _png_loras(args, p: dict) -> list[tuple[Path, float]]:
+    """Our PNGs' ``Lora: "name:weight ..."`` (LoRAs given by --lora), found in --lora-dir; used
+    when no --lora is given (the command line wins)."""
+    from .text.extra_networks import find_file
+
+    out = []
+    for item in p.get("Lora", "").split():
+        name, _, weight = item.rpartition(":")
+        try:
+            w = _finite_float(weight)
+        except argparse.ArgumentTypeError:
+            name, w = item, 1.0
+        path = find_file(name, args.lora_dirs)
+        if path is None:
+            _note(args, f"was made with Lora {item}; pass --lora or a --lora-dir holding {name}.safetensors")
+        else:
+            out.append((path, w))
+    return out
+
+
+def _check_hashes(args, p: dict, model_hash: str, lora_hashes: dict, ti_hashes: dict) -> None:
+    """Warn where a file loaded now is not the one the PNG names (its hash differs), and say
+    which networks of the PNG were not loaded."""
+    from .png import parse_hashes
+
+    theirs = p.get("Model hash", "")
+    if args.model is not None and len(theirs) >= 10 and not model_hash.startswith(theirs.lower()):
+        _note(args, f"was made with Model hash {theirs} ({p.get('Model') or 'no name'}); MODEL {args.model} has "
+                    f"hash {model_hash}: the image may differ", "warning")
+    for key, loaded, what, flag in (("Lora hashes", lora_hashes, "LoRA", "--lora-dir (or --lora)"),
+                                    ("TI hashes", ti_hashes, "embedding", "--embedding-dir or --embedding")):
+        for name, h in parse_hashes(p.get(key, "")).items():
+            ours = {re.sub("[:,]", "", n): v for n, v in loaded.items()}.get(name)
+            if ours is None:
+                _note(args, f"was made with {what} {name} (hash {h}), not loaded here; pass {flag}")
+            elif not ours.startswith(h.lower()):
+                _note(args, f"was made with {what} {name} of hash {h}; the one loaded has hash {ours}: "
+                            "the image may differ", "warning")
 
 
 def _check_args(args) -> None:
@@ -287,6 +340,10 @@ def _check_args(args) -> None:
     for flag, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not path.is_file():
             raise UsageError(f"argument {flag}: file not found: {path}")
+    for flag, folders in (("--lora-dir", args.lora_dirs), ("--embedding-dir", args.embedding_dirs)):
+        for d in folders:
+            if not d.is_dir():
+                raise UsageError(f"argument {flag}: folder not found: {d}")
     if args.seed is not None and args.seed + args.num_images > SEED_LIMIT:
         raise UsageError(f"argument --seed/--num-images: image i uses seed + i, and {args.seed} + "
                          f"{args.num_images - 1} is past the largest seed, 2**64 - 1; lower --seed or --num-images")
@@ -344,13 +401,14 @@ class _Cancel:
 def cmd_generate(args) -> int:
     import torch
 
+    from .loading.hashes import model_hash
     from .loading.inspect import quick_summary  # configs and headers only: checks before the weights load
     from .pipeline import Pipeline
 
     # Everything the command line can check is checked before the model loads.
-    if args.from_png is not None:
-        _settings_from_png(args)
+    png = _settings_from_png(args) if args.from_png is not None else None
     _check_args(args)
+    prompt, tagged = _prompt_loras(args)
     image = _open_image(args.image, "--image", "RGB")
     mask = _open_image(args.mask, "--mask", "L")
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -366,6 +424,12 @@ def cmd_generate(args) -> int:
         for p, _ in specs:
             if not p.exists():
                 raise UsageError(f"argument {flag}: file not found: {p}")
+    if png is not None:
+        loras = loras or _png_loras(args, png)
+        controlnets = _restore_controlnets(args, png, controlnets)
+    for p, _ in loras:
+        if p.stem in tagged:
+            raise UsageError(f"argument --lora: {p.stem} is also in the prompt as {tagged[p.stem][2]}; give it once")
     if is_demo:
         from .demo import DEMO_NOTICE
 
@@ -376,14 +440,17 @@ def cmd_generate(args) -> int:
     print(f"Loaded {path} ({pipe.info.family}, {pipe.info.kind}) in {time.perf_counter() - t0:.1f} s")
     _check_size(args, pipe.info.latent_factor)
     pipe.prompt_syntax = args.prompt_syntax
-    extra_params = _load_extras(pipe, args, loras, embeddings)
+    mhash = model_hash(path)
+    extra_params, lora_hashes, ti_hashes = _load_extras(pipe, args, prompt, loras, tagged, embeddings)
+    if png is not None:
+        _check_hashes(args, png, mhash, lora_hashes, ti_hashes)
     controls = [_build_controlnet(arg, device, dtype) for arg in controlnets]
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(args.num_images)]
     if args.seed is None:
         print(f"Seed: {seed}")
-    model_name = "demo (random weights)" if is_demo else path.resolve().name
+    model_name = "demo (random weights)" if is_demo else (path.stem if path.is_file() else path.resolve().name)
     # Only what the user gave is passed: the rest takes the library's per-family defaults,
     # and the PNG records the values out.settings says were used.
     given = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
@@ -397,7 +464,7 @@ def cmd_generate(args) -> int:
     with cancel:
         for i, s in enumerate(seeds):
             try:
-                out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
+                out = pipe(prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                            scheduler=args.scheduler, generator=torch.Generator("cpu").manual_seed(s), image=image,
                            mask_image=mask, output_type="pil", callback=cancel, controls=controls,
                            clip_skip=args.clip_skip, **given)
@@ -412,7 +479,8 @@ def cmd_generate(args) -> int:
                       f"{_kept(saved)}", file=sys.stderr)
                 return _EXIT_SIGNAL[cancel.signal or signal.SIGINT]
             steps_run += out.steps_done
-            text = _parameters(args, out.settings, out.images[0], s, model_name, extra_params, controls, controlnets)
+            text = _parameters(args, out.settings, out.images[0], s, model_name, mhash, extra_params, controls,
+                               controlnets)
             try:
                 p = outputs.save(i, s, lambda f: _write_png(out.images[0], f, text))
             except OSError as e:
@@ -442,8 +510,8 @@ def _write_png(image, f, text: str) -> None:
     write_png(image, f, text)
 
 
-def _parameters(args, settings: dict, img, seed: int, model_name: str, extra_params: dict, controls,
-                controlnets) -> str:
+def _parameters(args, settings: dict, img, seed: int, model_name: str, model_hash: str, extra_params: dict,
+                controls, controlnets) -> str:
     """The PNG's A1111-style text: the values the pipeline says it used (``out.settings``)."""
     from .png import control_fields, format_parameters
     from .schedulers.a1111 import TO_A1111
@@ -459,8 +527,10 @@ def _parameters(args, settings: dict, img, seed: int, model_name: str, extra_par
     sampler, schedule = TO_A1111.get(name, (name, None))   # A1111's names, so A1111 reads them back
     if schedule:
         extra = {"Schedule type": schedule, **extra}
+    # the prompt as given, <lora:...> tags included, as A1111 records it
     return format_parameters(args.prompt, args.negative, settings.get("steps"), sampler,
-                             settings.get("guidance_scale"), seed, img.width, img.height, model_name, extra)
+                             settings.get("guidance_scale"), seed, img.width, img.height, model_name, extra,
+                             model_hash=model_hash)
 
 
 def _describe_controls(used: list, controlnets) -> list[dict]:
@@ -485,40 +555,92 @@ def _split_suffix(value: str, flag: str, convert):
     return Path(value), None
 
 
-def _load_extras(pipe, args, loras, embeddings) -> dict:
-    """LoRAs and embeddings (already checked to exist); what the PNG should record of them."""
-    names, tokens = [], []
+def _prompt_loras(args) -> tuple[str, dict[str, tuple[Path, float, str]]]:
+    """The prompt without its ``<lora:...>`` tags (A1111's extra networks; the rest unchanged)
+    and the LoRAs the tags name, found in --lora-dir: ``{name: (file, weight, tag)}``, the weights
+    of a name given twice added (A1111 applies both)."""
+    from .text.extra_networks import LORA_EXTENSIONS, LORA_KINDS, find_file, lora_tags, parse_prompt
+
+    prompt, tags = parse_prompt(args.prompt)
+    for t in tags:
+        if t.kind not in LORA_KINDS:
+            print(f"{PROG}: note: {t.text} left out of the prompt: only lora and lyco tags are loaded", file=sys.stderr)
+    out: dict[str, tuple[Path, float, str]] = {}
+    try:
+        found = lora_tags(tags)
+    except ValueError as e:
+        raise UsageError(f"argument --prompt: {str(e).removeprefix('prompt: ')}") from None
+    for t in found:
+        if t.te != t.unet:
+            raise UsageError(f"argument --prompt: {t.text}: separate text-encoder and UNet weights are not "
+                             f"supported; give one weight")
+        path = find_file(t.name, args.lora_dirs)
+        if path is None:
+            where = ", ".join(map(str, args.lora_dirs)) if args.lora_dirs else "nowhere: no --lora-dir given"
+            raise UsageError(f"argument --prompt: {t.text}: no LoRA file {t.name}"
+                             f"{'/'.join(LORA_EXTENSIONS)} found; searched {where}")
+        out[t.name] = (path, out[t.name][1] + t.te if t.name in out else t.te, t.text)
+    return prompt, out
+
+
+def _load_extras(pipe, args, prompt, loras, tagged, embeddings) -> tuple[dict, dict, dict]:
+    """LoRAs (--lora, and the prompt's tags) and embeddings (--embedding, and the --embedding-dir
+    files named in the prompts), all checked to exist; what the PNG records of them, and the
+    hashes of the LoRA and embedding files loaded, by name."""
+    from .loading.hashes import embedding_hash, lora_hash
+    from .png import format_hashes
+    from .text.extra_networks import embedding_files, used_embeddings
+
+    names, tokens, lora_hashes, ti_hashes = [], [], {}, {}
     for path, weight in loras:
         weight = 1.0 if weight is None else weight
-        names.append(f"{pipe.load_lora(path, weight=weight)}:{weight:g}")
+        name = pipe.load_lora(path, weight=weight)
+        names.append(f"{name}:{weight:g}")
+        lora_hashes[name] = lora_hash(path)
+    for name, (path, weight, _) in tagged.items():
+        lora_hashes[pipe.load_lora(path, weight=weight, name=name)] = lora_hash(path)
     for path, token in embeddings:
-        tokens += pipe.load_textual_inversion(path, token=token)
+        added = pipe.load_textual_inversion(path, token=token)
+        tokens += added
+        ti_hashes[added[0]] = embedding_hash(path)
+    files = embedding_files(args.embedding_dirs)
+    candidates = [n for n in files if n not in pipe.textual_inversions]
+    for name in used_embeddings([prompt, args.negative or ""], candidates):
+        pipe.load_textual_inversion(files[name], token=name)
+        ti_hashes[name] = embedding_hash(files[name])
     params = {}
     if names:
         params["Lora"] = " ".join(names)
+    if lora_hashes:
+        params["Lora hashes"] = format_hashes(lora_hashes)
     if tokens:
         params["TI"] = " ".join(tokens)
+    if ti_hashes:
+        params["TI hashes"] = format_hashes(ti_hashes)
     if args.prompt_syntax != "a1111":
         params["Prompt syntax"] = args.prompt_syntax
     if args.clip_skip:
         params["Clip skip"] = args.clip_skip
-    return params
+    return params, lora_hashes, ti_hashes
 
 
 @dataclass(frozen=True)
 class _ControlNetArg:
-    """One ``--controlnet PATH:IMAGE[:SCALE]``, checked (and its image read) before loading."""
+    """One ``--controlnet PATH:IMAGE[:SCALE]``, checked (and its image read) before loading;
+    ``scale`` None when not given (1.0, or the PNG's with --from-png)."""
 
     path: Path
     image: Any
-    scale: float
+    scale: float | None
+    start: float = 0.0
+    end: float = 1.0
 
 
 def _controlnet_arg(value: str) -> _ControlNetArg:
     parts = value.split(":")
     if len(parts) not in (2, 3):
         raise UsageError(f"argument --controlnet: expected PATH:IMAGE[:SCALE], got {value!r}")
-    scale = 1.0
+    scale = None
     if len(parts) == 3:
         try:
             scale = _finite_float(parts[2])
@@ -537,7 +659,45 @@ def _build_controlnet(arg: _ControlNetArg, device, dtype):
     from .controls.controlnet import ControlNet
     from .loading.control_models import load_controlnet
 
-    return ControlNet(load_controlnet(arg.path, device=device, dtype=dtype), arg.image, scale=arg.scale)
+    return ControlNet(load_controlnet(arg.path, device=device, dtype=dtype), arg.image,
+                      scale=1.0 if arg.scale is None else arg.scale, start=arg.start, end=arg.end)
+
+
+def _restore_controlnets(args, p: dict, given: list[_ControlNetArg]) -> list[_ControlNetArg]:
+    """The PNG's ControlNet units (sd-webui-controlnet's ``ControlNet N`` fields) for the
+    --controlnet models, matched by model name in unit order: start and end from the unit, and
+    its weight unless SCALE was given. The PNG holds no control image: units left over are named."""
+    import dataclasses
+
+    from .png import control_units
+
+    try:
+        units = control_units(p)
+    except ValueError as e:
+        _note(args, f"has a ControlNet unit that cannot be read ({e}); its settings are not restored", "warning")
+        return given
+    out = []
+    for arg in given:
+        match = next((i for i, u in units.items() if
+                      re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", u.get("Model", "")) in (arg.path.stem, arg.path.name)), None)
+        if match is None:
+            out.append(arg)
+            continue
+        unit = units.pop(match)
+        values = {}
+        for key, label in (("scale", "Weight"), ("start", "Guidance Start"), ("end", "Guidance End")):
+            if label in unit and not (key == "scale" and arg.scale is not None):
+                try:
+                    values[key] = _finite_float(unit[label])
+                except argparse.ArgumentTypeError as e:
+                    raise UsageError(f"argument --from-png: {args.from_png}: ControlNet {match} {label}: {e}") from None
+        if unit.get("Control Mode", "Balanced") != "Balanced":
+            _note(args, f"ControlNet {match} used Control Mode {unit['Control Mode']!r}; restored as Balanced")
+        out.append(dataclasses.replace(arg, **values))
+    for i, unit in units.items():
+        _note(args, f"was made with ControlNet {i} ({', '.join(f'{k}: {v}' for k, v in unit.items())}); the PNG "
+                    "holds no control image: pass --controlnet PATH:IMAGE to use it")
+    return out
 
 
 def _open_image(path: Path | None, flag: str, mode: str):

@@ -27,8 +27,11 @@ def format_parameters(
     height: int,
     model: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    model_hash: str | None = None,
 ) -> str:
-    """A1111's layout: the prompt, ``Negative prompt: ...`` (if any), then ``Key: value, ...``."""
+    """A1111's layout (``processing.create_infotext``): the prompt, ``Negative prompt: ...`` (if
+    any), then ``Key: value, ...``, values quoted as A1111 quotes them. :func:`parse_parameters`
+    gives every field back."""
     fields: dict[str, Any] = {
         "Steps": steps,
         "Sampler": sampler,
@@ -36,10 +39,12 @@ def format_parameters(
         "Seed": seed,
         "Size": f"{width}x{height}",
     }
+    if model_hash:
+        fields["Model hash"] = model_hash
     if model:
         fields["Model"] = model
     for k, v in (extra or {}).items():
-        if v is not None:
+        if v is not None and str(v) != "":  # A1111's parser drops empty values
             fields[k] = v
     lines = [prompt]
     if negative_prompt:
@@ -82,11 +87,52 @@ def control_fields(controls: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 
 def _value(v: Any) -> str:
-    # A1111 quotes values that would break its comma-separated parser.
+    # A1111's quote (infotext_utils.quote): JSON for values holding ",", ":" or a newline. Also
+    # quoted here, so they read back unchanged: values that would read as quoted ('"..."') or
+    # lose the spaces around them; A1111 reads both the same way.
     s = str(v)
-    if "," in s or ":" in s or "\n" in s:
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if any(c in s for c in ",:\n") or s.startswith('"') or s != s.strip():
+        s = json.dumps(s, ensure_ascii=False)
     return s
+
+
+def format_hashes(hashes: Mapping[str, str]) -> str:
+    """``Lora hashes`` / ``TI hashes``: ``name: hash, ...``, the names without ``:`` and ``,``
+    (as A1111's ``extra_networks_lora`` and ``sd_hijack_clip`` write them)."""
+    return ", ".join(f"{re.sub('[:,]', '', name)}: {h}" for name, h in hashes.items())
+
+
+def parse_hashes(value: str) -> dict[str, str]:
+    """``name: hash, ...`` -> ``{name: hash}``, read as A1111's Lora ``infotext_pasted`` reads it
+    (an entry without ``:`` is skipped)."""
+    out = {}
+    for item in value.split(","):
+        name, sep, h = item.strip().partition(":")
+        if sep and name.strip():
+            out[name.strip()] = h.strip()
+    return out
+
+
+_UNIT_KEY = re.compile(r"ControlNet (\d+)")
+
+
+def control_units(fields: Mapping[str, str]) -> dict[int, dict[str, str]]:
+    """The ControlNet units of parsed infotext fields, ``{N: {"Module": ..., "Model": ...,
+    "Weight": ..., ...}}`` (values as text), read as sd-webui-controlnet's ``parse_unit`` reads a
+    ``ControlNet N`` field; a unit it could not read is a ValueError naming the field."""
+    units = {}
+    for key, value in fields.items():
+        m = _UNIT_KEY.fullmatch(key)
+        if m is None:
+            continue
+        unit = {}
+        for item in value.split(","):
+            parts = item.strip().split(": ")
+            if len(parts) != 2:
+                raise ValueError(f"{key}: expected 'Field: value, ...', got {value!r}")
+            unit[parts[0]] = parts[1]
+        units[int(m.group(1))] = unit
+    return dict(sorted(units.items()))
 
 
 def _pnginfo(parameters: str) -> PngImagePlugin.PngInfo:
@@ -138,6 +184,8 @@ def parse_parameters(text: str) -> dict[str, str]:
         (negative if in_negative else prompt).append(line)
     res = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in _PARAM.findall(last):
+        if not value:  # A1111's parser fails on an empty value and skips it
+            continue
         if len(value) > 1 and value[0] == value[-1] == '"':
             try:
                 value = json.loads(value)
