@@ -210,6 +210,14 @@ def test_teardown_drops_the_cache_and_runs_repeat(sd1):
     assert control._caches == []
     again = mine("a cat", generator=gen(8), controls=[control], **KW).images
     assert max_abs(first, again) == 0
+
+    def fail(i, t, latents):
+        assert control._caches[0].feature is not None   # the cache is live during the run
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        mine("a cat", generator=gen(8), controls=[control], callback=fail, **KW)
+    assert control._caches == []
     assert control.describe() == {"name": "DeepCache", "cache_interval": 3, "cache_branch_id": 2,
                                   "skip_mode": "uniform"}
 

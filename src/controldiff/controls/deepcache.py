@@ -36,31 +36,28 @@ class DeepCache(Control):
         self.cache_interval = cache_interval
         self.cache_branch_id = cache_branch_id
         self.skip_mode = skip_mode
-        self._caches: list[SkipCache] = []
-        self._layouts: list = []
+        self._caches: list[SkipCache] = []   # one per call of a step (MultiDiffusion's view groups)
+        self._layouts: list = []               # each call's branches and views at its last full step
         self._calls = 0
 
     def setup(self, ctx):
-        cfg = ctx.unet.config
-        levels = len(cfg.block_out_channels)
+        blocks = ctx.unet.down_blocks
         level, layer = divmod(self.cache_branch_id, SKIPS_PER_LEVEL)
-        per_level = cfg.layers_per_block if isinstance(cfg.layers_per_block, (list, tuple)) \
-            else [cfg.layers_per_block] * levels
-        if level >= levels or layer > per_level[level]:
-            raise ValueError(f"cache_branch_id: this UNet has skip branches 0..{SKIPS_PER_LEVEL * levels - 1} "
-                             f"({levels} levels of {SKIPS_PER_LEVEL}, level {min(level, levels - 1)} has "
-                             f"{per_level[min(level, levels - 1)] + 1}), got {self.cache_branch_id}")
+        if level >= len(blocks):
+            raise ValueError(f"cache_branch_id: this UNet has skip branches 0..{SKIPS_PER_LEVEL * len(blocks) - 1} "
+                             f"({len(blocks)} levels of {SKIPS_PER_LEVEL}), got {self.cache_branch_id}")
+        if layer > len(blocks[level].resnets):
+            raise ValueError(f"cache_branch_id: level {level} of this UNet has {len(blocks[level].resnets) + 1} "
+                             f"skip branches, got {self.cache_branch_id} (skip {layer} of level {level})")
         self._level, self._layer = level, layer
-        first = [self._position(ctx.timesteps, t) for t in ctx.timesteps]
+        first = [int((ctx.timesteps == t).nonzero()[0]) for t in ctx.timesteps]  # the reference's step count
         self._full = [(p - first[0]) % self.cache_interval == 0 for p in first]
-        self.teardown(ctx)
-
-    @staticmethod
-    def _position(timesteps, t) -> int:
-        """The first position of timestep ``t`` in the schedule (the reference's step count)."""
-        return int((timesteps == t).nonzero()[0])
+        self._reset()
 
     def teardown(self, ctx):
+        self._reset()
+
+    def _reset(self):
         self._caches, self._layouts, self._calls = [], [], 0
 
     def is_full(self, step) -> bool:
@@ -77,7 +74,7 @@ class DeepCache(Control):
         if k == len(self._caches):
             self._caches.append(SkipCache(self._level, self._layer))
             self._layouts.append(None)
-        layout = (tuple((n, s.start, s.stop) for n, s in call.slices.items()), call.views, tuple(call.x.shape))
+        layout = (list(call.slices.items()), call.views, tuple(call.x.shape))
         cache = self._caches[k]
         if self.is_full(step) or layout != self._layouts[k]:
             cache.feature = None   # this call runs in full and records

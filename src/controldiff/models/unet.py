@@ -300,14 +300,15 @@ class UNet2DConditionModel(Model):
 
         last = len(self.up_blocks) - 1
         for i, block in enumerate(self.up_blocks):
-            cut = len(block.resnets) - 1 - cache.layer if cache is not None and i == cut_block else None
             if reuse and i < cut_block:
                 continue
-            start = cut if reuse and i == cut_block else 0
+            at_branch = cache is not None and i == cut_block
+            cut = len(block.resnets) - 1 - cache.layer if at_branch else 0   # this block's layers below the branch
+            start = cut if reuse else 0
             n = len(block.resnets) - start
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < last else None
-            if cut is not None and not reuse:  # record the up path's input at the branch
+            if at_branch and not reuse:   # record the up path's input at the branch
                 sample = block(sample, block_skips[n - cut:], emb, context, stop=cut)
                 cache.feature = sample
                 block_skips, start = block_skips[:n - cut], cut
