@@ -30,7 +30,9 @@ from .noise import randn_tensor, seeded
 from .sampling.control import Context, Control
 from .sampling.finite import check_finite
 from .sampling.loop import sample
-from .text.encode import PromptEncoder, TextCond, as_list as _as_list
+from .controls.pix2pix_zero import Pix2PixZero
+from .controls.prompt_schedule import PromptSchedule, is_plain, schedule_texts
+from .text.encode import PromptEncoder, TextCond, as_list as _as_list, spread
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -122,13 +124,52 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
 
     # ------------------------------------------------------------------ prompts
     def _encode_prompts(self, prompts, negative, prompts_2, negative_2, guided: bool, n: int, clip_skip) -> dict:
-        # SDXL base models use zeros, not the empty prompt, when no negative prompt is given
-        zero_negative = (self.info.family == "sdxl" and negative is None
-                         and self.model_index.get("force_zeros_for_empty_prompt", True))
         text = self.prompt_encoder.encode_pair(prompts, negative, prompts_2, negative_2, guided=guided,
-                                               zero_negative=zero_negative, clip_skip=clip_skip)
+                                               zero_negative=self._zero_negative(negative), clip_skip=clip_skip)
         names = {"cond": "prompt", "uncond": "negative_prompt"}
         return {k: self._place(v, n, names.get(k, k)) for k, v in text.items()}
+
+    def _zero_negative(self, negative) -> bool:
+        """SDXL base models use zeros, not the empty prompt, when no negative prompt is given."""
+        return (self.info.family == "sdxl" and negative is None
+                and self.model_index.get("force_zeros_for_empty_prompt", True))
+
+    def _schedule_steps(self, prompts, negative, prompt_2, negative_2, steps: int, controls) -> Optional[int]:
+        """``steps`` when a prompt uses A1111 prompt editing, alternation or AND (a1111 syntax),
+        else None; checks each step's text as a prompt. Runs no model."""
+        negatives = None if negative is None else _as_list(negative, "negative_prompt")
+        if self.prompt_syntax != "a1111" or (all(is_plain(p, steps) for p in prompts)
+                                             and all(is_plain(p, steps, split=False) for p in negatives or [])):
+            return None
+        if prompt_2 is not None or negative_2 is not None:
+            raise ValueError("prompt_2/negative_prompt_2: with A1111 prompt editing, alternation or AND in the prompt, "
+                             "leave them unset (A1111 gives both SDXL text encoders the same prompt)")
+        if any(isinstance(c, Pix2PixZero) for c in controls):
+            raise ValueError("controls: Pix2PixZero edits the prompt's embedding once; it does not combine with "
+                             "A1111 prompt editing, alternation or AND (the prompt changes per step)")
+        parts, negs = schedule_texts(prompts, negatives, steps)
+        self.prompt_encoder.check([t for p in parts for _, s in p for _, t in s], "prompt")
+        if negs:
+            self.prompt_encoder.check([t for s in negs for _, t in s], "negative_prompt")
+        return steps
+
+    def _encode_schedule(self, prompts, negative, n: int, clip_skip, steps: int) -> tuple:
+        """The first step's {"cond", "uncond"} and the PromptSchedule control that changes them.
+        The negative prompt is encoded even without CFG: AND composes around it."""
+        zero = self._zero_negative(negative)
+        negatives = None
+        if not zero:
+            negatives = spread([""] if negative is None else _as_list(negative, "negative_prompt"), len(prompts),
+                               "negative_prompt")
+
+        def encode(texts, is_negative):  # like diffusers, the negative prompt without clip_skip
+            cond = self.prompt_encoder.encode(texts, clip_skip=None if is_negative else clip_skip)
+            return self._place(cond, 1, "negative_prompt" if is_negative else "prompt")
+
+        control = PromptSchedule(prompts, negatives, steps, n, encode)
+        if zero:
+            control.zero_uncond = control.text_at(0)["cond"].zeros_like()
+        return control.text_at(0), control
 
     def _place(self, cond: TextCond, n: int, what: str) -> TextCond:
         """On the model's device and dtype, each prompt repeated n times; checked finite."""
@@ -328,6 +369,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
                             ("negative_prompt_2", negative_prompt_2)):
             self.prompt_encoder.check(value, name)
+        schedule_steps = self._schedule_steps(prompts, negative_prompt, prompt_2, negative_prompt_2, steps, controls)
 
         # timesteps
         sched = self.make_scheduler(scheduler) if inversion is None else inversion.make_scheduler(self)
@@ -344,8 +386,12 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             sched.set_begin_index(t_start * sched.order)
 
         # ---- the work
-        text = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
-                                    num_images_per_prompt, clip_skip)
+        if schedule_steps is None:
+            text, schedule = self._encode_prompts(prompts, negative_prompt, prompt_2, negative_prompt_2, cfg.enabled,
+                                                  num_images_per_prompt, clip_skip), None
+        else:
+            text, schedule = self._encode_schedule(prompts, negative_prompt, num_images_per_prompt, clip_skip,
+                                                   schedule_steps)
         ctx = self._context(sched, timesteps, text, generator, num_images_per_prompt, height, width, cfg.scale)
         if sdxl:
             micro = dict(xl_only, crops_coords_top_left=crops_coords_top_left, aesthetic_score=aesthetic,
@@ -363,7 +409,8 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
                                                       sched, generator)
         step_kwargs = {"eta": eta} if eta else {}
-        latents, done = self._run(ctx, latents, [cfg, *internal, *controls], callback, step_kwargs)
+        first = [] if schedule is None else [schedule]   # before CFG: it sets the step's texts and composes AND
+        latents, done = self._run(ctx, latents, [*first, cfg, *internal, *controls], callback, step_kwargs)
         settings = dict(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width, task=task,
                         steps=steps, guidance_scale=cfg.scale, scheduler=scheduler or sched.name, seed=seed,
                         strength=strength, eta=eta, clip_skip=clip_skip,

@@ -42,7 +42,7 @@ def as_list(value, name: str) -> list[str]:
     raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {value!r}")
 
 
-def _spread(values: Optional[list[str]], batch: int, name: str) -> Optional[list[str]]:
+def spread(values: Optional[list[str]], batch: int, name: str) -> Optional[list[str]]:
     """One prompt applies to every prompt of the batch; otherwise the counts must match."""
     if values is None:
         return None
@@ -122,6 +122,12 @@ class TextCond:
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0)
         ids = None if self.ids is None else self.ids.repeat_interleave(n, dim=0)
         return TextCond(self.embeds.repeat_interleave(n, dim=0), pooled, self.empty_chunk, ids)
+
+    def select(self, rows: Sequence[int]) -> "TextCond":
+        """These rows of the batch, in this order (rows may repeat)."""
+        index = torch.tensor(list(rows), device=self.embeds.device)
+        pick = (lambda t: None if t is None else t[index.to(t.device)])
+        return TextCond(pick(self.embeds), pick(self.pooled), self.empty_chunk, pick(self.ids))
 
     def tile(self, n: int) -> "TextCond":
         """The whole batch repeated n times (views, concept rows), ``empty`` kept for padding."""
@@ -221,14 +227,14 @@ class PromptEncoder:
         """
         prompts = as_list(prompts, "prompt")
         batch = len(prompts)
-        prompts_2 = _spread(None if prompts_2 is None else as_list(prompts_2, "prompt_2"), batch, "prompt_2")
+        prompts_2 = spread(None if prompts_2 is None else as_list(prompts_2, "prompt_2"), batch, "prompt_2")
         cond = self.encode(prompts, prompts_2, clip_skip=clip_skip)
         if not guided:
             return {"cond": cond}
         if zero_negative:
             return {"cond": cond, "uncond": cond.zeros_like()}
-        negative = _spread([""] if negative is None else as_list(negative, "negative_prompt"), batch, "negative_prompt")
-        negative_2 = _spread(None if negative_2 is None else as_list(negative_2, "negative_prompt_2"), batch,
+        negative = spread([""] if negative is None else as_list(negative, "negative_prompt"), batch, "negative_prompt")
+        negative_2 = spread(None if negative_2 is None else as_list(negative_2, "negative_prompt_2"), batch,
                              "negative_prompt_2")
         if self.sdxl and negative_2 is None:
             negative_2 = negative
