@@ -16,7 +16,9 @@ import diffusers  # the oracle: part of the test extra
 import pipes
 from pipes import ours
 
-SCHEDULER_CLASSES = DIFFUSERS_EQUIVALENT
+# DPMSolverSDE draws its noise's seed from the global RNG, not the pipeline's generator:
+# test_schedulers_sde.py compares it with diffusers given generator=torch.manual_seed(s)
+SCHEDULER_CLASSES = {name: c for name, c in DIFFUSERS_EQUIVALENT.items() if c[0] != "DPMSolverSDEScheduler"}
 TOL = 1e-4
 
 

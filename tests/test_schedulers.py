@@ -18,6 +18,7 @@ REFERENCE = {
     name: (lambda cfg, cls=cls, extra=extra: getattr(diffusers, cls).from_config(cfg, **extra))
     for name, (cls, extra) in S.DIFFUSERS_EQUIVALENT.items()
 }
+NAMES = tuple(REFERENCE)  # the k-diffusion-only ones (no diffusers class): test_schedulers_sde.py
 
 
 def _configs() -> dict[str, dict]:
@@ -52,6 +53,10 @@ def _pipeline_kwargs(ref, gen, kw: dict) -> dict:
     """What a diffusers pipeline passes: the generator and ``eta`` (default 0.0) where the
     step takes them (TCD's step default of 0.3 is never seen through a pipeline)."""
     params = inspect.signature(ref.step).parameters
+    if getattr(ref, "noise_sampler", 0) is None and ref.noise_sampler_seed is None:
+        # DPMSolverSDE seeds its Brownian tree from the global RNG, ours from the generator:
+        # give the reference our draw (test_schedulers_sde.py tests the seed semantics)
+        ref.noise_sampler_seed = torch.randint(0, 2**63 - 1, [], generator=gen).item()
     out = dict(kw)
     if "generator" in params:
         out["generator"] = gen
@@ -109,7 +114,7 @@ def _run_lockstep(ours, ref, timesteps, x, what: str, seed: int = 1, relative: b
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("name", S.NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_matches_diffusers(name, config_name):
     cfg = CONFIGS[config_name]
     for n in STEPS:
@@ -126,7 +131,7 @@ def test_matches_diffusers(name, config_name):
 
 
 @pytest.mark.parametrize("config_name", ["sd1", "sd2_v", "sdxl", "trailing"])
-@pytest.mark.parametrize("name", S.NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_free_running_trajectory(name, config_name):
     """Each scheduler on its own trajectory for 25 steps (state carried between steps)."""
     cfg = CONFIGS[config_name]
@@ -146,7 +151,7 @@ def test_free_running_trajectory(name, config_name):
 
 def test_config_filled_like_diffusers():
     """from_config semantics: accepted keys taken, the rest the class's defaults."""
-    for name in S.NAMES:
+    for name in NAMES:
         for config_name, cfg in CONFIGS.items():
             ours, ref = S.create(name, cfg), REFERENCE[name](cfg)
             expected = {k: v for k, v in ref.config.items() if not k.startswith("_")}
@@ -177,7 +182,7 @@ def test_use_default_values_are_dropped():
     assert ours.config.timestep_spacing == diffusers.EulerDiscreteScheduler.from_config(cfg).config.timestep_spacing
 
 
-@pytest.mark.parametrize("name", S.NAMES)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("config_name", ["sd1", "sd2_v", "sdxl"])
 def test_img2img_path(name, config_name):
     """Pipeline img2img: slice timesteps from t_start*order, set_begin_index, add_noise, steps."""
@@ -204,7 +209,7 @@ def test_img2img_path(name, config_name):
         _close(ours.add_noise(x0, noise, ts_o[-1:]), ref.add_noise(x0, noise, ts_r[-1:]), f"{what} late add_noise")
 
 
-@pytest.mark.parametrize("name", S.NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_add_noise_lookup_without_begin_index(name):
     cfg = CONFIGS["sdxl"]
     ours, ref = S.create(name, cfg), REFERENCE[name](cfg)
@@ -287,7 +292,7 @@ def test_pndm_runge_kutta_warmup():
     {"predict_x0": False, "solver_type": "bh1", "disable_corrector": [2]},
     {"variance_type": "fixed_large"},
 ])
-@pytest.mark.parametrize("name", S.NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_other_options(name, extra):
     """Non-default options the reference supports: equal; those we do not: ValueError."""
     cfg = {**CONFIGS["sd1"], **extra}
@@ -379,7 +384,7 @@ def test_errors_name_the_problem():
         S.create("euler", {**scheduler_config("sd1"), "beta_schedule": "weird"})
     with pytest.raises(ValueError, match="timestep_spacing"):
         S.create("ddim", {**scheduler_config("sd1"), "timestep_spacing": "odd"}).set_timesteps(4)
-    assert set(S.NAMES) == set(REFERENCE)
+    assert set(S.NAMES) == set(REFERENCE) | set(S.K_DIFFUSION_EQUIVALENT)
 
 
 def test_api_surface():

@@ -12,7 +12,9 @@ from .base import Scheduler, SchedulerConfig
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
+from .dpm_sde import DPMSolverSDE
 from .dpm_singlestep import DPMSolverSinglestep
+from .dpmpp_2s_ancestral import DPMPP2SAncestral
 from .dpmsolver import DPMSolverMultistep
 from .euler import Euler, EulerAncestral
 from .heun import Heun
@@ -38,6 +40,10 @@ _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Scheduler]] = {
                                                              use_karras_sigmas=True),
     "dpmpp_2s": DPMSolverSinglestep,
     "dpmpp_2s_karras": lambda config: DPMSolverSinglestep(config, use_karras_sigmas=True),
+    "dpmpp_2s_a": DPMPP2SAncestral,
+    "dpmpp_2s_a_karras": lambda config: DPMPP2SAncestral(config, use_karras_sigmas=True),
+    "dpmpp_sde": DPMSolverSDE,
+    "dpmpp_sde_karras": lambda config: DPMSolverSDE(config, use_karras_sigmas=True),
     "deis": DEIS,
     "unipc": UniPC,
     "lcm": LCM,
@@ -64,13 +70,22 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
                                                             "use_karras_sigmas": True}),
     "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
     "dpmpp_2s_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "deis": ("DEISMultistepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
 }
 
-# diffusers class name -> our name (Euler's and DPM-Solver's karras and SDE flags are read from the config).
+# our name -> (the k-diffusion sampler it equals, Euler-schedule options): those with no diffusers
+# class; their sigmas are EulerDiscreteScheduler's built with those options.
+K_DIFFUSION_EQUIVALENT: dict[str, tuple[str, dict]] = {
+    "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}),
+    "dpmpp_2s_a_karras": ("sample_dpmpp_2s_ancestral", {"use_karras_sigmas": True}),
+}
+
+# diffusers class name -> our name (Euler's, DPM-Solver's and DPM SDE's karras and SDE flags are read from the config).
 CLASS_NAMES: dict[str, str] = {cls: name for name, (cls, extra) in DIFFUSERS_EQUIVALENT.items() if not extra}
 
 
@@ -93,7 +108,7 @@ def from_config(config: Mapping[str, Any]) -> Scheduler:
 
 
 __all__ = [
-    "NAMES", "CLASS_NAMES", "DIFFUSERS_EQUIVALENT", "create", "from_config", "Scheduler", "SchedulerConfig",
-    "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
-    "LCM", "TCD", "DPMSolverSinglestep", "DEIS",
+    "NAMES", "CLASS_NAMES", "DIFFUSERS_EQUIVALENT", "K_DIFFUSION_EQUIVALENT", "create", "from_config", "Scheduler",
+    "SchedulerConfig", "DDIM", "DDPM", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverMultistep", "UniPC",
+    "LCM", "TCD", "DPMSolverSinglestep", "DEIS", "DPMSolverSDE", "DPMPP2SAncestral",
 ]

@@ -14,6 +14,8 @@ TO_A1111: dict[str, tuple[str, Optional[str]]] = {
     "ddpm": ("DDPM", None), "unipc": ("UniPC", None), "dpmpp_2m": ("DPM++ 2M", None),
     "dpmpp_2m_karras": ("DPM++ 2M", "Karras"), "dpmpp_2m_sde": ("DPM++ 2M SDE", None),
     "dpmpp_2m_sde_karras": ("DPM++ 2M SDE", "Karras"), "lcm": ("LCM", None), "deis": ("DEIS", None),
+    "dpmpp_sde": ("DPM++ SDE", None), "dpmpp_sde_karras": ("DPM++ SDE", "Karras"),
+    "dpmpp_2s_a": ("DPM++ 2S a", None), "dpmpp_2s_a_karras": ("DPM++ 2S a", "Karras"),
 }  # the rest (tcd, dpmpp_2s: A1111 has no such sampler) keep our names
 _FROM_A1111 = {(s.lower(), (t or "").lower()): ours for ours, (s, t) in TO_A1111.items()}
 
