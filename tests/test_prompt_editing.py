@@ -215,3 +215,128 @@ def test_generation_equals_reference_loop(models, case, family):
                  scheduler=scheduler, latents=x, output_type="latent").images
     assert (got - plain).abs().max() > 1e-3, "the syntax was read as plain text"
     assert float((got - expected).abs().max()) <= TOL
+
+
+# ---------------------------------------------------------------------------- composition
+def _run(pipe, prompt, x, **kw):
+    kw = {"num_inference_steps": 4, "guidance_scale": 6.0, "scheduler": "euler", "output_type": "latent", **kw}
+    return pipe(prompt, latents=x, **kw).images
+
+
+def _control_tensor(size=(64, 64), seed=0):
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("prompt", ["a [red:blue:0.5] [cat|dog]", "a cat AND [snow:rain:2]:0.7"])
+def test_with_controlnet_equals_reference_loop(models, tmp_path, prompt):
+    path, ref, pipe = models("sd1")
+    net_dir = build_controlnet(path, tmp_path / "cn")
+    image = _control_tensor()
+    x = _latents(1)
+    expected = reference_loop(ref, [prompt], ["ugly"], 4, 6.0, x, "euler", (64, 64),
+                              controlnet=(diffusers.ControlNetModel.from_pretrained(net_dir), image, 0.8))
+    got = _run(pipe, prompt, x, negative_prompt="ugly", controls=[cd.ControlNet(cd.load_controlnet(net_dir), image,
+                                                                                scale=0.8)])
+    assert float((got - expected).abs().max()) <= TOL
+
+
+class _Probe(cd.Control):
+    """Records the "cond" text each step's branches are built from."""
+
+    def __init__(self):
+        self.seen = []
+
+    def branches(self, ctx, step):
+        self.seen.append(ctx.text["cond"].embeds[0].clone())
+        return []
+
+
+def test_each_step_sees_its_text_with_sega(models):
+    """Controls reading the prompt see the step's text; SEGA still acts on the edited prompt."""
+    _, _, pipe = models("sd1")
+    x = _latents(1)
+    sega = [cd.SEGA([cd.Concept("smiling", scale=5.0, warmup=0)])]
+    probe = _Probe()
+    edited = _run(pipe, "a [cat:dog:2] on a mat", x, controls=[*sega, probe])
+    a, b = (pipe.prompt_encoder.encode([t]).embeds[0] for t in ("a cat on a mat", "a dog on a mat"))
+    # A1111 counts from 0: "[cat:dog:2]" reads "cat" at steps 0, 1 and 2, then "dog"
+    assert [torch.equal(e, a) for e in probe.seen] == [True, True, True, False]
+    assert torch.allclose(probe.seen[3], b, atol=1e-6)
+    never = _run(pipe, "a [cat:dog:100] on a mat", x, controls=sega)   # "when" beyond the run: always "cat"
+    torch.testing.assert_close(never, _run(pipe, "a cat on a mat", x, controls=sega), atol=1e-6, rtol=0)
+    assert (edited - never).abs().max() > 1e-3
+    assert (edited - _run(pipe, "a [cat:dog:2] on a mat", x)).abs().max() > 1e-3, "SEGA had no effect"
+
+
+def test_and_with_a_region_covering_the_image_is_the_region_prompt(models):
+    """Regions guide from the composed prediction: a weight-1 region over the whole image
+    replaces the AND prompt entirely, as it replaces a plain one."""
+    _, _, pipe = models("sd1")
+    x = _latents(1)
+    region = cd.Region("a red house", weight=1.0)
+    got = _run(pipe, "a cat AND a dog:0.6", x, negative_prompt="ugly", controls=[cd.Regions([region])])
+    alone = _run(pipe, "a red house", x, negative_prompt="ugly")
+    torch.testing.assert_close(got, alone, atol=TOL, rtol=0)
+    half = _run(pipe, "a cat AND a dog:0.6", x, negative_prompt="ugly",
+                controls=[cd.Regions([cd.Region("a red house", box=(0, 0, 32, 64))])])
+    assert (half - alone).abs().max() > 1e-3
+    assert (half - _run(pipe, "a cat AND a dog:0.6", x, negative_prompt="ugly")).abs().max() > 1e-3
+
+
+def test_and_in_multidiffusion_views_weights_each_prompt(models):
+    """Views of a 2-prompt batch: without overlap each view equals generating its crop alone."""
+    _, _, pipe = models("sd1")
+    prompts, negatives = ["a cat AND a dog:0.4", "[a fox:a hen:1]:1.5 AND rain:-0.5"], ["", "dark"]
+    x = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(2))
+    wide = _run(pipe, prompts, x, negative_prompt=negatives, width=128, height=64,
+                controls=[cd.MultiDiffusion(window=64, stride=64)])
+    for left in (0, 8):
+        crop = _run(pipe, prompts, x[..., left:left + 8].contiguous(), negative_prompt=negatives)
+        torch.testing.assert_close(wide[..., left:left + 8], crop, atol=1e-5, rtol=0)
+
+
+def test_images_per_prompt_follow_their_prompt(models):
+    _, _, pipe = models("sd1")
+    prompts = ["a cat AND a dog:0.4", "[a fox|a hen]"]
+    x = _latents(4, seed=5)
+    got = _run(pipe, prompts, x, num_images_per_prompt=2)
+    torch.testing.assert_close(got, _run(pipe, [prompts[0]] * 2 + [prompts[1]] * 2, x), atol=1e-6, rtol=0)
+
+
+def test_img2img_counts_from_the_first_step_run(models):
+    """As A1111: the schedule spans num_inference_steps and its counter starts at the first step run."""
+    _, _, pipe = models("sd1")
+    from pictures import photo
+    kw = dict(image=photo(0), strength=0.5, num_inference_steps=8, seed=3, scheduler="euler", output_type="latent")
+    # 4 of 8 steps run: "[cat:dog:0.5]" switches after step 4, so "cat" throughout
+    torch.testing.assert_close(pipe("a [cat:dog:0.5]", **kw).images, pipe("a cat", **kw).images, atol=1e-6, rtol=0)
+    assert (pipe("a [cat:dog:2]", **kw).images - pipe("a cat", **kw).images).abs().max() > 1e-3
+
+
+def test_other_syntaxes_read_it_as_text(models):
+    _, _, pipe = models("sd1")
+    x = _latents(1)
+    try:
+        pipe.prompt_syntax = "none"
+        plain = _run(pipe, "a [cat:dog:2] AND b", x)
+        assert pipe.prompt_encoder.encode(["a [cat:dog:2] AND b"]) is not None
+    finally:
+        pipe.prompt_syntax = "a1111"
+    assert (plain - _run(pipe, "a [cat:dog:2] AND b", x)).abs().max() > 1e-3
+
+
+def test_errors_before_any_work(models, monkeypatch):
+    path, _, pipe = models("sdxl")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(pipe.unet, "forward", forbidden)
+    for encoder in pipe.text_encoders:
+        monkeypatch.setattr(encoder, "forward", forbidden)
+    with pytest.raises(ValueError, match="prompt_2"):
+        pipe("a [cat:dog:2]", prompt_2="a cat", num_inference_steps=2)
+    with pytest.raises(ValueError, match="Pix2PixZero"):
+        pipe("a cat AND a dog", num_inference_steps=2, controls=[cd.Pix2PixZero("cat", "dog")])
+    with pytest.raises(ValueError, match="negative_prompt"):  # a step's text with a weight beyond the limit
+        pipe("a cat", negative_prompt="[x:(y:1000):1]", num_inference_steps=2)
