@@ -11,6 +11,7 @@ upsampler only when it runs to the end), given the skips of those layers.
 """
 from __future__ import annotations
 
+from itertools import islice
 from typing import Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ class DownBlock2D(nn.Module):
 
     def forward(self, x, temb, context=None, extra: Optional[torch.Tensor] = None, stop: Optional[int] = None):
         skips = []
-        for resnet in self.resnets[:stop]:
+        for resnet in islice(self.resnets, stop):
             x = resnet(x, temb)
             skips.append(x)
         if stop is not None:
@@ -73,7 +74,7 @@ class CrossAttnDownBlock2D(nn.Module):
     def forward(self, x, temb, context, extra: Optional[torch.Tensor] = None, stop: Optional[int] = None):
         skips = []
         last = len(self.resnets) - 1
-        for i, (resnet, attn) in enumerate(zip(self.resnets[:stop], self.attentions[:stop])):
+        for i, (resnet, attn) in enumerate(zip(islice(self.resnets, stop), self.attentions)):
             x = attn(resnet(x, temb), context)
             if i == last and extra is not None:
                 x = x + extra
@@ -125,7 +126,7 @@ class UpBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips: Sequence[torch.Tensor], temb, context=None, upsample_size=None, start=0, stop=None):
-        for resnet, skip in zip(self.resnets[start:stop], reversed(skips)):
+        for resnet, skip in zip(islice(self.resnets, start, stop), reversed(skips)):
             x = resnet(torch.cat([x, skip], dim=1), temb)
         if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
@@ -152,7 +153,8 @@ class CrossAttnUpBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips: Sequence[torch.Tensor], temb, context, upsample_size=None, start=0, stop=None):
-        for resnet, attn, skip in zip(self.resnets[start:stop], self.attentions[start:stop], reversed(skips)):
+        layers = zip(islice(self.resnets, start, stop), islice(self.attentions, start, None), reversed(skips))
+        for resnet, attn, skip in layers:
             x = attn(resnet(torch.cat([x, skip], dim=1), temb), context)
         if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
