@@ -59,9 +59,9 @@ def bipartite_merge(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: i
             return x.gather(1, a_idx.expand(b, n - num_dst, c)), x.gather(1, b_idx.expand(b, num_dst, c))
 
         unit = metric / metric.norm(dim=-1, keepdim=True)
-        a, bb = split(unit)
-        scores = a @ bb.transpose(-1, -2)
-        r = min(a.shape[1], r)
+        src_unit, dst_unit = split(unit)
+        scores = src_unit @ dst_unit.transpose(-1, -2)
+        r = min(src_unit.shape[1], r)
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
         unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
