@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import is_number, positive_int
 from ..models.transformer import NO_MERGE, BasicTransformerBlock, keep
 from ..sampling.control import Control
 from .attend_excite import AttendAndExcite
@@ -112,12 +113,6 @@ def _flag(value, name: str) -> bool:
     return value
 
 
-def _count(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
-
-
 class ToMe(Control):
     """Merge ``ratio`` of the tokens in the high-resolution transformer blocks (faster
     self-attention at large sizes); arguments and defaults as ``tomesd.apply_patch``."""
@@ -125,11 +120,11 @@ class ToMe(Control):
     def __init__(self, ratio: float = 0.5, max_downsample: int = 1, sx: int = 2, sy: int = 2,
                  use_rand: bool = True, merge_attn: bool = True, merge_crossattn: bool = False,
                  merge_mlp: bool = False, seed: Optional[int] = None):
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        if not is_number(ratio) or not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio: expected a fraction of the tokens in [0, 1), got {ratio!r}")
         self.ratio = float(ratio)
-        self.max_downsample = _count(max_downsample, "max_downsample")
-        self.sx, self.sy = _count(sx, "sx"), _count(sy, "sy")
+        self.max_downsample = positive_int(max_downsample, "max_downsample")
+        self.sx, self.sy = positive_int(sx, "sx"), positive_int(sy, "sy")
         self.use_rand = _flag(use_rand, "use_rand")
         self.merge_attn = _flag(merge_attn, "merge_attn")
         self.merge_crossattn = _flag(merge_crossattn, "merge_crossattn")
