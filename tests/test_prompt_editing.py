@@ -340,3 +340,25 @@ def test_errors_before_any_work(models, monkeypatch):
         pipe("a cat AND a dog", num_inference_steps=2, controls=[cd.Pix2PixZero("cat", "dog")])
     with pytest.raises(ValueError, match="negative_prompt"):  # a step's text with a weight beyond the limit
         pipe("a cat", negative_prompt="[x:(y:1000):1]", num_inference_steps=2)
+
+
+def test_editing_and_composition_with_every_kind_of_control(models, tmp_path):
+    """Editing, alternation and AND in one call with guidance, structure and speed controls:
+    finite, and leaving out any one control (or the syntax) changes the result."""
+    path, _, pipe = models("sd1")
+    net = cd.load_controlnet(build_controlnet(path, tmp_path / "cn"))
+    prompt = "a [cat:dog:0.5] on a [mat|rug] AND snow:0.5"
+
+    def make():
+        return {"SEGA": cd.SEGA([cd.Concept("smiling", scale=4.0, warmup=0)]), "PAG": cd.PAG(scale=2.0),
+                "ControlNet": cd.ControlNet(net, _control_tensor(), scale=0.8),
+                "DeepCache": cd.DeepCache(cache_interval=2), "ToMe": cd.ToMe(ratio=0.5, seed=0)}
+
+    x = _latents(1)
+    full = _run(pipe, prompt, x, controls=list(make().values()))
+    assert torch.isfinite(full).all()
+    for name in make():
+        rest = [c for n, c in make().items() if n != name]
+        assert (full - _run(pipe, prompt, x, controls=rest)).abs().max() > 1e-4, f"removing {name} changed nothing"
+    plain = _run(pipe, "a cat on a mat, snow", x, controls=list(make().values()))
+    assert (full - plain).abs().max() > 1e-3
