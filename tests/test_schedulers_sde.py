@@ -17,7 +17,6 @@ import torch
 import diffusers  # the oracle: part of the test extra
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
-import controldiff as cd  # noqa: E402
 import pipes  # noqa: E402
 import reference.k_diffusion_dpmpp_2s_ancestral as K  # noqa: E402
 from controldiff import cli  # noqa: E402
@@ -367,34 +366,3 @@ def test_2s_a_pipeline_equals_k_diffusion_on_diffusers_models(tiny_model, name, 
         got = mine(prompt, generator=gen(seed), scheduler=name, num_inference_steps=steps, guidance_scale=scale,
                    output_type="np").images
         assert_close(got, expected, f"{name} {family} seed={seed}")
-
-
-# ----------------------------------------------------------------------------- the loop's noise level
-
-
-class Recorder(cd.Control):
-    """x0 from the step's noise level, and the scheduler's own x0, at every call."""
-
-    def __init__(self):
-        self.ours, self.scheduler = [], []
-
-    def combine(self, ctx, step, preds, pred):
-        self.ours.append(step.x0_eps(pred, step.call.x[step.call.rows("cond"), :pred.shape[1]])[0])
-        return pred
-
-    def after_step(self, ctx, step, latents):
-        self.scheduler.append(ctx.scheduler.pred_original_sample)
-        return latents
-
-
-@pytest.mark.parametrize("scheduler", [*SDE, *TWO_S_A])
-@pytest.mark.parametrize("family,prediction", [("sd1", "epsilon"), ("sd2", "v_prediction")])
-def test_step_x0_equals_the_schedulers(tiny_model, scheduler, family, prediction):
-    """noise_level(position) is each call's own level, the midpoint calls' included."""
-    pipe = ours(tiny_model(family, prediction_type=prediction))
-    rec = Recorder()
-    pipe("a cat", num_inference_steps=4, guidance_scale=1.0, scheduler=scheduler, seed=1, controls=[rec],
-         output_type="latent", height=64, width=64)
-    assert len(rec.ours) == 7
-    for mine, theirs in zip(rec.ours, rec.scheduler):
-        assert (mine - theirs).abs().max() < 1e-4

@@ -1,2 +1,0 @@
-from .tome import ToMe
-from .deepcache import DeepCache
