@@ -406,9 +406,11 @@ class KSigmaScheduler(SigmaScheduler):
         sigma = self.sigmas[self._step_index]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def _sigmas_and_timesteps(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Float32 spaced timesteps, their interpolated sigmas and optional Karras sigmas."""
-        timesteps = spaced_timesteps(self.config, n, round_linspace=False).astype(np.float32)
+    def _sigmas_and_timesteps(self, n: int, float32: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Spaced timesteps (float32, or float64 where the reference keeps them so), their
+        interpolated sigmas and optional Karras sigmas."""
+        timesteps = spaced_timesteps(self.config, n, round_linspace=False)
+        timesteps = timesteps.astype(np.float32) if float32 else timesteps
         sigmas = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         sigmas = interp_sigmas(timesteps, sigmas)

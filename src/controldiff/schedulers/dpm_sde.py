@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from .base import interp_sigmas, require, sigma_to_t, spaced_timesteps, train_sigmas
+from .base import require, sigma_to_t, train_sigmas
 from .midpoint import MidpointScheduler, ancestral_step, log_midpoint, sigma_of, t_of
 
 _SEED_LIMIT = 2**63 - 1
@@ -91,15 +91,9 @@ class DPMSolverSDE(MidpointScheduler):
         return sigma_of(log_midpoint(t_of(sigma), t_of(sigma_next))) if sigma_next > 0 else None
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        self.num_inference_steps = n = num_inference_steps
-        timesteps = spaced_timesteps(self.config, n, round_linspace=False)
-        base = train_sigmas(self.alphas_cumprod)
-        log_sigmas = np.log(base)
-        sigmas = interp_sigmas(timesteps, base)
-        schedule = self._sigma_schedule()
-        if schedule is not None:
-            sigmas = schedule(sigmas, n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+        self.num_inference_steps = num_inference_steps
+        sigmas, timesteps = self._sigmas_and_timesteps(num_inference_steps, float32=False)
+        log_sigmas = np.log(train_sigmas(self.alphas_cumprod))
         # the second calls' timesteps, in float64 as the reference computes them
         t = -np.log(sigmas)
         mids = np.exp(-(t[:-1] + np.diff(t) * 0.5))
