@@ -161,15 +161,22 @@ def run(impl: str, model: str, size: int, steps: int, device: str, dtype: torch.
     }
 
 
+def options(p: argparse.ArgumentParser, model: str = "sd15-small", size: int = 256, steps: int = 4,
+            repeats: int = 2, help: dict | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --model --size --steps --repeats --device --dtype."""
+    help = help or {}
+    for name, default in (("model", model), ("size", size), ("steps", steps), ("repeats", repeats)):
+        kind = str if name == "model" else int
+        p.add_argument(f"--{name}", type=kind, default=default, help=help.get(name))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    return p
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--impl", choices=["ours", "diffusers"], required=True)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=2)
+    options(p, model="tiny", size=64, steps=10)
     p.add_argument("--scheduler", default="euler")
     p.add_argument("--batch", type=int, default=1)
     a = p.parse_args(argv)

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import measure  # noqa: E402
+from bench import measure, options  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.attend_excite import AttendAndExcite  # noqa: E402
@@ -32,16 +32,11 @@ PROMPT = "a photo of a cat and a frog"
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15-small")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
+    options(p, model="sd15-small", size=512, steps=3, repeats=2)
     p.add_argument("--images", type=int, default=1, help="images per prompt")
     p.add_argument("--threshold", type=float, default=None,
                    help="a refinement threshold at step 0 (20 extra passes per image on a random model)")
-    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="count the first round too (slow sizes)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     dtype = getattr(torch, a.dtype)

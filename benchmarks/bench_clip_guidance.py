@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from bench import CountCalls, PeakRSS  # noqa: E402
+from bench import CountCalls, options, PeakRSS  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff import tiny  # noqa: E402
@@ -55,15 +55,10 @@ def clip_b32(device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15-small")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    options(p, model="sd15-small", size=256, steps=6, repeats=2)
     p.add_argument("--scheduler", default="ddim", choices=list(DIFFUSERS))
     p.add_argument("--scale", type=float, default=100.0)
     p.add_argument("--num-cutouts", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--memory-of", choices=["ours", "diffusers", "diffusers, frozen"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)

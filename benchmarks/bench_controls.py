@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import controldiff as cd  # noqa: E402
+from bench import options  # noqa: E402
 from models import build  # noqa: E402
 
 
@@ -72,13 +73,8 @@ def cases(ref, size: int, wide: int, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15-small")
-    p.add_argument("--size", type=int, default=512)
+    options(p, model="sd15-small", size=512, steps=4, repeats=2)
     p.add_argument("--wide", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--only", default=None, help="run only cases whose name contains this")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--label", default=None)

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import CountCalls, measure  # noqa: E402
+from bench import CountCalls, measure, options  # noqa: E402
 from models import build  # noqa: E402
 
 import controldiff as cd  # noqa: E402
@@ -30,14 +30,9 @@ import controldiff as cd  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8)
+    options(p, model="sd15", size=256, steps=8, repeats=1)
     p.add_argument("--cache-interval", type=int, default=3)
     p.add_argument("--cache-branch-id", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench import measure  # noqa: E402
+from bench import measure, options  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.fabric import FABRIC  # noqa: E402
@@ -54,15 +54,10 @@ def routed(ref, generator):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15-small")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    options(p, model="sd15-small", size=256, steps=6, repeats=2)
     p.add_argument("--liked", type=int, default=2)
     p.add_argument("--disliked", type=int, default=1)
     p.add_argument("--images", type=int, default=1, help="images per prompt")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     from reference.pipeline_fabric import FabricPipeline

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import measure, photo  # noqa: E402
+from bench import measure, options, photo  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.ledits import LEdits  # noqa: E402
@@ -51,13 +51,8 @@ def reference(base, sdxl: bool):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="sd15-small")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10, help="inversion steps (after skip)")
+    options(ap, model="sd15-small", size=256, steps=10, repeats=2, help={"steps": "inversion steps (after skip)"})
     ap.add_argument("--skip", type=float, default=0.15)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     base, ours = build(a.model, device=a.device, dtype=getattr(torch, a.dtype))

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import measure, photo  # noqa: E402
+from bench import measure, options, photo  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.pix2pix_zero import Pix2PixZero  # noqa: E402
@@ -49,14 +49,9 @@ def reference(base):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="sd15-small")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
+    options(ap, model="sd15-small", size=256, steps=10, repeats=2)
     ap.add_argument("--amount", type=float, default=0.1, help="cross_attention_guidance_amount")
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     base, ours = build(a.model, device=a.device, dtype=getattr(torch, a.dtype))

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench import measure  # noqa: E402
+from bench import measure, options  # noqa: E402
 from models import build  # noqa: E402
 
 from controldiff.controls.tome import ToMe  # noqa: E402
@@ -30,14 +30,9 @@ from controldiff.controls.tome import ToMe  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="sd15-small")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2)
+    options(p, model="sd15-small", size=512, steps=2, repeats=1, help={"repeats": "0: one round, no warm-up"})
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=1, help="0: one round, no warm-up")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     import diffusers
     import tomesd
