@@ -1,0 +1,288 @@
+"""The training loop every method shares: methods differ only in what is trainable and
+what is saved (``method.attach`` / ``method.save``); data, objective, optimizer, schedule,
+checkpoints and resume are here, once.
+
+Order of random draws (torch's global RNG after ``set_seed``), as diffusers' example
+scripts: the method's init, then per epoch the data order, per example its crop/flip, per
+step the VAE sample, the noise (and offset) and the timesteps.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..checks import positive_int
+from ..noise import check_seed
+from . import checkpoint as ckpt
+from .batches import Batches
+from .data import read_folder
+from .latents import LatentCache, scale
+from .objective import Objective
+from .schedule import SCHEDULES, lr_schedule
+from .text import encode
+from .transforms import ImageTransform, load_rgb
+
+__all__ = ["TrainConfig", "TrainResult", "train", "FORMATS"]
+
+FORMATS = ("kohya", "diffusers", "both")
+
+
+@dataclass
+class TrainConfig:
+    """A run's settings; defaults as diffusers' LoRA scripts unless noted."""
+
+    data: Path
+    output: Path
+    prompt: Optional[str] = None          # the caption of images without a .txt file
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-4                      # (the script's default is 5e-4)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    seed: Optional[int] = None
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    center_crop: bool = False
+    flip: bool = False
+    interpolation: str = "lanczos"
+    cache_latents: bool = False
+    checkpoint_every: Optional[int] = None
+    resume: Optional[Path] = None
+    format: str = "both"
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every argument, before any file is read."""
+        for name in ("resolution", "steps", "batch_size", "gradient_accumulation"):
+            positive_int(getattr(self, name), name)
+        if self.checkpoint_every is not None:
+            positive_int(self.checkpoint_every, "checkpoint_every")
+        if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) \
+                or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps: expected an integer >= 0, got {self.lr_warmup_steps!r}")
+        for name, low in (("lr", 0), ("adam_epsilon", 0), ("snr_gamma", 0), ("max_grad_norm", 0)):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and low < v < float("inf")):
+                raise ValueError(f"{name}: expected a finite number > {low}, got {v!r}")
+        for name in ("adam_weight_decay", "noise_offset"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)!r}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler: expected one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
+        ImageTransform(self.resolution, interpolation=self.interpolation)
+        if self.cache_latents and (self.flip or not self.center_crop):
+            raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
+                             "latent would freeze one random crop or flip")
+        out = Path(self.output)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output: {out} exists and is not a folder")
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)   # one per optimisation step of this run
+    files: list = field(default_factory=list)    # the saved weights
+    step: int = 0
+    checkpoint: Optional[Path] = None            # the last checkpoint written
+    interrupted: bool = False
+
+
+@contextmanager
+def _uninterrupted():
+    """Ctrl-C waits until the block is done (the optimizer update must not be cut in half)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
+def _roots(components) -> dict:
+    names = ("text_encoder", "text_encoder_2")[:len(components.text_encoders)]
+    return {"unet": components.unet, **dict(zip(names, components.text_encoders))}
+
+
+class _Data:
+    """Examples to (latents, captions, SDXL time ids) batches."""
+
+    def __init__(self, examples, config: TrainConfig, vae, sdxl: bool):
+        self.examples, self.vae, self.sdxl = examples, vae, sdxl
+        self.transform = ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
+        self.cache = None
+        if config.cache_latents:
+            self.cache = LatentCache(vae, [self.transform(load_rgb(e.path))[0] for e in examples])
+
+    def batch(self, indices):
+        r = self.transform.resolution
+        time_ids = []
+        images = []
+        for i in indices:
+            e = self.examples[i]
+            if self.cache is None:
+                x, (top, left) = self.transform(load_rgb(e.path))
+                images.append(x)
+            else:
+                w, h = self.transform.resized(*e.size)  # the cache holds center crops
+                top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
+            w, h = e.size
+            time_ids.append([h, w, top, left, r, r])
+        if self.cache is not None:
+            latents = self.cache.sample(indices)
+        else:
+            pixels = torch.stack(images).to(self.vae.device, self.vae.dtype)
+            with torch.no_grad():
+                latents = scale(self.vae, self.vae.encode(pixels).sample())
+        time_ids = torch.tensor(time_ids, dtype=latents.dtype, device=latents.device) if self.sdxl else None
+        return latents, [self.examples[i].caption for i in indices], time_ids
+
+
+def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float32) -> TrainResult:
+    """Train ``method`` (e.g. :class:`~controldiff.training.lora.LoRA`) on the diffusers
+    folder ``model`` with ``config``; save its weights in ``config.output`` and return the
+    losses and files. Ctrl-C (KeyboardInterrupt) writes a checkpoint, then re-raises."""
+    from ..loading.folder import load_components, read_configs
+    from ..schedulers import create
+
+    config.check()
+    examples = read_folder(config.data, config.resolution, config.prompt)
+    configs = read_configs(model)
+    signature = ckpt.model_signature(configs)
+    resumed = ckpt.read(config.resume) if config.resume is not None else None
+    if resumed is not None:
+        _check_resume(resumed, signature, method, len(examples), config)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    if config.seed is not None:
+        ckpt.set_seed(config.seed)
+    c = load_components(model, device=device, dtype=dtype)
+    sdxl = c.info.family == "sdxl"
+    roots = _roots(c)
+    for m in roots.values():
+        if m is not None:
+            m.requires_grad_(False)
+    c.vae.eval()
+    params = method.attach(roots)
+    for name, m in roots.items():
+        if m is not None and (name == "unet" or method.train_text_encoder):
+            m.train()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    schedule = lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, config.steps)
+    objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset)
+    objective.target(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))  # prediction type check
+    batches = Batches(len(examples), config.batch_size)
+    step = 0
+    if resumed is not None:
+        method.load_state_dict(resumed.trainable, str(config.resume))
+        optimizer.load_state_dict(resumed.optimizer)
+        schedule.load_state_dict(resumed.lr_scheduler)
+        ckpt.set_rng_state(resumed.rng)
+        d = resumed.info["data"]
+        batches = Batches(len(examples), config.batch_size, d["epoch"], d["order"], d["position"])
+        step = resumed.step
+    data = _Data(examples, config, c.vae, sdxl)
+    info = {"model": signature, "model_path": str(Path(model).resolve()), "method": method.describe(),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
+    frozen_text = not (method.train_text_encoder and any(n != "unet" for n in method.layers))
+    text_cache: dict = {}
+
+    def conditioning(captions):
+        if not frozen_text:
+            return encode(c.tokenizers, c.text_encoders, captions, sdxl)
+        missing = [t for t in dict.fromkeys(captions) if t not in text_cache]
+        if missing:
+            with torch.no_grad():
+                embeds, pooled = encode(c.tokenizers, c.text_encoders, missing, sdxl)
+            for i, t in enumerate(missing):
+                text_cache[t] = (embeds[i], None if pooled is None else pooled[i])
+        embeds = torch.stack([text_cache[t][0] for t in captions])
+        pooled = torch.stack([text_cache[t][1] for t in captions]) if sdxl else None
+        return embeds, pooled
+
+    def snapshot() -> ckpt.Checkpoint:
+        return ckpt.Checkpoint(step, method.state_dict(), optimizer.state_dict(), schedule.state_dict(),
+                               ckpt.rng_state(), dict(info, data=batches.state()))
+
+    from tqdm.auto import tqdm
+
+    result = TrainResult(step=step)
+    start, boundary = step, snapshot()
+    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not config.progress)
+    try:
+        while step < config.steps:
+            total = 0.0
+            for _ in range(config.gradient_accumulation):
+                latents, captions, time_ids = data.batch(batches.next())
+                embeds, pooled = conditioning(captions)
+                added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
+                loss = objective(c.unet, latents, embeds, added)
+                (loss / config.gradient_accumulation).backward()
+                total += loss.item() / config.gradient_accumulation
+            with _uninterrupted():
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                step += 1
+                result.losses.append(total)
+                result.step = step
+                boundary = snapshot()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                result.checkpoint = ckpt.write(output, boundary)
+    except KeyboardInterrupt:
+        bar.close()
+        saved = start if result.checkpoint is None else int(result.checkpoint.name.split("-")[-1])
+        if boundary.step > saved:  # something trained since the last checkpoint
+            result.checkpoint = ckpt.write(output, boundary)
+        result.interrupted = True
+        raise
+    finally:
+        bar.close()
+    formats = ("kohya", "diffusers") if config.format == "both" else (config.format,)
+    result.files = method.save(output, formats, ckpt.atomic_file)
+    return result
+
+
+def _check_resume(resumed: ckpt.Checkpoint, signature: str, method, count: int, config: TrainConfig) -> None:
+    where = f"resume: {config.resume}"
+    if resumed.info.get("model") != signature:
+        raise ValueError(f"{where} was trained on another model ({resumed.info.get('model_path')}, whose UNet/text "
+                         "encoder configs differ from this model's)")
+    if resumed.info.get("method") != method.describe():
+        raise ValueError(f"{where} was trained with other settings ({resumed.info.get('method')}); "
+                         f"this run has {method.describe()}")
+    if resumed.info["data"]["count"] != count:
+        raise ValueError(f"{where} was trained on {resumed.info['data']['count']} images; {config.data} has {count}")
+    if resumed.step >= config.steps:
+        raise ValueError(f"steps: the checkpoint is at step {resumed.step}; pass more steps to continue")
