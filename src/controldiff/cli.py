@@ -1,4 +1,4 @@
-"""The ``controldiff`` command line: ``generate`` images and show model ``info``.
+"""The ``controldiff`` command line: ``generate`` images, show model ``info``, ``train`` (training/cli.py).
 
 Exit status: 0 done; 2 bad input (arguments, files, configs), reported as one line
 ``controldiff: error: <message>`` like argparse's own errors (a traceback would bury the
@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show what a model folder holds, read from its configs and weight headers.")
     i.add_argument("model", metavar="MODEL", help="diffusers model folder or single-file checkpoint")
     i.set_defaults(func=cmd_info)
+
+    from .training.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,89 @@
+"""``controldiff train METHOD MODEL --data DIR --output DIR ...``: the command line of the
+training library (``controldiff.cli`` adds it as a subcommand). Methods not implemented yet
+are listed and refused with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import METHODS
+from .trainer import FORMATS
+
+__all__ = ["add_parser", "cmd_train"]
+
+
+def add_parser(sub) -> None:
+    from ..cli import _finite_float, _positive_int, _seed, _text
+
+    t = sub.add_parser("train", help="train a LoRA (DreamBooth, textual inversion, Custom Diffusion: not yet)",
+                       description="Train on a folder of images with optional same-name .txt captions. "
+                                   "Checkpoints go to OUTPUT/checkpoint-STEP; Ctrl-C writes one and exits 130.")
+    t.add_argument("method", choices=list(METHODS), metavar="METHOD",
+                   help="one of: " + ", ".join(METHODS) + " (implemented: " +
+                        ", ".join(k for k, v in METHODS.items() if v) + ")")
+    t.add_argument("model", metavar="MODEL", type=Path, help="diffusers model folder")
+    t.add_argument("--data", required=True, type=Path, metavar="DIR", help="folder of training images")
+    t.add_argument("--output", required=True, type=Path, metavar="DIR", help="where weights and checkpoints go")
+    t.add_argument("--prompt", type=_text, metavar="TEXT", help="caption of the images without a .txt file")
+    t.add_argument("--resolution", type=_positive_int, default=512, metavar="N", help="training size (default 512)")
+    t.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="optimisation steps (default 1000)")
+    t.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", dest="batch_size")
+    t.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="N",
+                   dest="gradient_accumulation", help="batches per optimisation step (default 1)")
+    t.add_argument("--lr", type=_finite_float, default=1e-4, metavar="X", help="learning rate (default 1e-4)")
+    t.add_argument("--lr-scheduler", default="constant", dest="lr_scheduler",
+                   choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    t.add_argument("--lr-warmup-steps", type=int, default=0, metavar="N", dest="lr_warmup_steps")
+    t.add_argument("--rank", type=_positive_int, default=4, metavar="R", help="LoRA rank (default 4)")
+    t.add_argument("--alpha", type=_finite_float, metavar="A", help="LoRA alpha (default: the rank)")
+    t.add_argument("--seed", type=_seed, help="seed for a reproducible run")
+    t.add_argument("--snr-gamma", type=_finite_float, metavar="G", dest="snr_gamma",
+                   help="min-SNR loss weighting gamma (5.0 is usual; default off)")
+    t.add_argument("--noise-offset", type=_finite_float, default=0.0, metavar="X", dest="noise_offset")
+    t.add_argument("--center-crop", action="store_true", dest="center_crop", help="center crops (default random)")
+    t.add_argument("--flip", action="store_true", help="random horizontal flips")
+    t.add_argument("--cache-latents", action="store_true", dest="cache_latents",
+                   help="encode each image once (needs --center-crop, no --flip)")
+    t.add_argument("--checkpoint-every", type=_positive_int, metavar="N", dest="checkpoint_every")
+    t.add_argument("--resume", type=Path, metavar="DIR", help="a checkpoint, or an output folder (its latest)")
+    t.add_argument("--train-text-encoder", action="store_true", dest="train_text_encoder",
+                   help="also train LoRA adapters on the text encoder(s)")
+    t.add_argument("--format", choices=FORMATS, default="both", help="saved LoRA format (default both)")
+    t.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ..cli import UsageError, _device_and_dtype
+    from . import checkpoint
+    from .trainer import TrainConfig, train
+
+    cls = METHODS[args.method]
+    if cls is None:
+        done = ", ".join(k for k, v in METHODS.items() if v)
+        raise UsageError(f"argument METHOD: {args.method} is not implemented yet (implemented: {done})")
+    if not args.model.is_dir():
+        raise UsageError(f"argument MODEL: not a model folder: {args.model}")
+    method = cls(rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder)
+    names = ("data", "output", "prompt", "resolution", "steps", "batch_size", "gradient_accumulation", "lr",
+             "lr_scheduler", "lr_warmup_steps", "seed", "snr_gamma", "noise_offset", "center_crop", "flip",
+             "cache_latents", "checkpoint_every", "resume", "format", "progress")
+    config = TrainConfig(**{n: getattr(args, n) for n in names})
+    config.check()
+    device, _ = _device_and_dtype(args.device, "float32")
+    try:
+        result = train(args.model, method, config, device=device)
+    except KeyboardInterrupt:
+        try:
+            print(f"checkpoint: {checkpoint.find(config.output)} (resume with --resume {config.output})",
+                  file=sys.stderr)
+        except ValueError:
+            pass
+        raise
+    for f in result.files:
+        print(f)
+    if result.losses:
+        print(f"steps {result.step}, last loss {result.losses[-1]:.4f}", file=sys.stderr)
+    return 0
