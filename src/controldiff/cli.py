@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "PNG's unit for that model gives start, end and (without SCALE) the weight")
     g.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                   help="weights dtype (default: float16 on cuda, float32 on cpu)")
+                   help="weights dtype (default auto: float16 on cuda, bfloat16 on a CPU with native bf16 "
+                        "(AVX512-BF16/AMX), else float32; latents and scheduler stay float32)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="show a model folder's family, kind and sizes",
@@ -228,9 +229,9 @@ def _device_and_dtype(device: str, dtype: str):
     except (AssertionError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"argument --device: {device} is not available here ({detail})") from None
-    if dtype == "auto":
-        dtype = "float16" if dev.type == "cuda" else "float32"
-    return dev, getattr(torch, dtype)
+    from .precision import resolve_dtype
+
+    return dev, resolve_dtype(dtype, dev)   # "auto": float16 on cuda, bfloat16 on a CPU with native bf16
 
 
 def _model_path(model: str | None) -> tuple[Path, bool]:
@@ -441,7 +442,8 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(path, device=device, dtype=dtype)
-    print(f"Loaded {path} ({pipe.info.family}, {pipe.info.kind}) in {time.perf_counter() - t0:.1f} s")
+    print(f"Loaded {path} ({pipe.info.family}, {pipe.info.kind}, {str(dtype).removeprefix('torch.')}) "
+          f"in {time.perf_counter() - t0:.1f} s")
     _check_size(args, pipe.info.latent_factor)
     pipe.prompt_syntax = args.prompt_syntax
     mhash = model_hash(path)

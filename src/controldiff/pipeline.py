@@ -27,6 +27,7 @@ from .images import as_batch, image_size, postprocess, preprocess_image, preproc
 from .memory import check_fits
 from .model_editing import ModelEditingMixin
 from .noise import randn_tensor, seeded
+from .precision import LATENT_DTYPE, resolve_dtype
 from .sampling.control import Context, Control
 from .sampling.finite import check_finite
 from .sampling.loop import sample
@@ -85,11 +86,14 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32, variant: Optional[str] = None) -> "Pipeline":
+    def from_pretrained(cls, path, device="cpu", dtype: Union[torch.dtype, str] = torch.float32,
+                        variant: Optional[str] = None) -> "Pipeline":
         """Load a diffusers-layout folder (the family is read from its configs), or a
-        single-file checkpoint (see :meth:`from_single_file`)."""
+        single-file checkpoint (see :meth:`from_single_file`). ``dtype="auto"``: float16 on
+        CUDA, bfloat16 on a CPU with native bf16, else float32 (:mod:`controldiff.precision`)."""
         from .loading.folder import load_components
 
+        dtype = resolve_dtype(dtype, device)
         if Path(path).is_file():
             return cls.from_single_file(path, device=device, dtype=dtype)
 
@@ -232,7 +236,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         by the VAE's config (the inverse of :meth:`_decode`'s first step)."""
         check_finite(latents, "VAE encode (image)", self.vae.dtype)
         shift = self.vae.config.get("shift_factor") or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+        return ((latents - shift) * self.vae.config.scaling_factor).to(LATENT_DTYPE)
 
     def _decode_wrapped(self, latents: torch.Tensor, pad: int) -> torch.Tensor:
         """Decode; with ``pad`` (circular panoramas) decode with ``pad`` latent columns wrapped
@@ -401,9 +405,9 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             ctx.time_ids, ctx.uncond_time_ids = self._micro_conditioning(task, (height, width), micro, batch)
 
         if inversion is not None:
-            latents, internal = self._repeat(inversion.latents.to(self.device, self.dtype), batch, "inversion"), []
+            latents, internal = self._repeat(inversion.latents.to(self.device, LATENT_DTYPE), batch, "inversion"), []
         elif latents is not None:
-            latents, internal = self._repeat(latents.to(self.device, self.dtype), batch, "latents"), []
+            latents, internal = self._repeat(latents.to(self.device, LATENT_DTYPE), batch, "latents"), []
             latents = latents * sched.init_noise_sigma
         else:
             latents, internal = self._prepare_latents(batch, height, width, image, mask_image, strength, timesteps,
@@ -483,7 +487,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         """Initial latents, plus the internal controls img2img/inpainting need."""
         shape = (batch, self.vae.config.latent_channels, height // self.latent_factor, width // self.latent_factor)
         if image is None:
-            noise = randn_tensor(shape, generator, self.device, self.dtype)
+            noise = randn_tensor(shape, generator, self.device, LATENT_DTYPE)
             return noise * sched.init_noise_sigma, []
         init_image = preprocess_image(image, height, width)
         t0 = timesteps[:1].repeat(batch)
@@ -491,18 +495,18 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
             if isinstance(generator, (list, tuple)) and init_image.shape[0] < batch:
                 init_image = init_image.repeat(batch // init_image.shape[0], 1, 1, 1)
             image_latents = self._repeat(self._encode_image(init_image, generator), batch, "image")
-            noise = randn_tensor(image_latents.shape, generator, self.device, self.dtype)
+            noise = randn_tensor(image_latents.shape, generator, self.device, LATENT_DTYPE)
             return sched.add_noise(image_latents, noise, t0), []
 
         concat = self.info.kind == "inpaint"
         image_latents = None
         if not concat or strength < 1.0:
             image_latents = self._repeat(self._encode_image(init_image, generator), batch, "image")
-        noise = randn_tensor(shape, generator, self.device, self.dtype)
+        noise = randn_tensor(shape, generator, self.device, LATENT_DTYPE)
         latents = noise * sched.init_noise_sigma if strength == 1.0 else sched.add_noise(image_latents, noise, t0)
         mask = preprocess_mask(mask_image, height, width)
         masked = init_image * (mask < 0.5)
-        small = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(self.device, self.dtype)
+        small = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(self.device, LATENT_DTYPE)
         small = self._repeat(small, batch, "mask_image")
         if concat:
             masked_latents = self._repeat(self._encode_image(masked, generator), batch, "image")

@@ -248,7 +248,7 @@ class Context:
                 time_ids = self.time_ids.repeat(n // k, 1) if n % k == 0 else self.time_ids[:1].expand(n, -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids}
         with self.unet.attention_processors(processors or {}):
-            return self.unet(x, t, text.embeds, **kwargs)
+            return self.unet(x.to(self.dtype), t, text.embeds, **kwargs).to(x.dtype)  # float32 latents, any UNet dtype
 
 
 def plain(value: Any) -> Any:

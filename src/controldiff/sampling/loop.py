@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..precision import LATENT_DTYPE
 from ..text.encode import TextCond
 from .control import Branch, Context, Control, ModelCall, Step, crop_views
 from .finite import StepWatch
@@ -38,6 +39,7 @@ def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[B
     concats = [b.concat if b.concat is not None else ctx.concat for b in branches]
     if concats[0] is not None:
         x = torch.cat([x, torch.cat([crop_views(c, views) for c in concats])], dim=1)
+    x = x.to(ctx.dtype)   # the latents are float32 (see sample); only the UNet runs in its dtype
     text = TextCond.cat([b.text for b in branches])
     rows = ctx.batch * v
     slices = {b.name: slice(i * rows, (i + 1) * rows) for i, b in enumerate(branches)}
@@ -81,8 +83,11 @@ def sample(
     ``callback(i, t, latents)`` runs after each step; returning False stops the loop
     early (the latents reached so far are returned, nothing is lost). Latents that turn
     NaN or infinite raise a FloatingPointError naming the first such step (on the CPU at
-    that step, on an accelerator after the loop: see :class:`StepWatch`).
+    that step, on an accelerator after the loop: see :class:`StepWatch`). The latents,
+    guidance and scheduler arithmetic stay float32 when the UNet runs in float16/bfloat16
+    (as diffusers' schedulers upcast inside a step, but without rounding between steps).
     """
+    latents = latents.to(LATENT_DTYPE)
     step_kwargs = step_kwargs or {}
     ctx.step_kwargs = step_kwargs   # for controls that step a scheduler copy (Pix2PixZero's reference pass)
     owner = _views_owner(controls)
@@ -103,7 +108,7 @@ def sample(
                 call = build_call(ctx, step, x, branches, views)
                 for c in controls:
                     c.prepare_call(ctx, step, call)
-                preds = evaluate(ctx, call)
+                preds = {k: v.to(x.dtype) for k, v in evaluate(ctx, call).items()}  # guidance, scheduler: float32
                 step.call = call
                 pred = preds["cond"] if "cond" in preds else preds[branches[-1].name]
                 for c in controls:
