@@ -1,11 +1,12 @@
-"""Images to scaled VAE latents, optionally cached: each image is encoded once and the
-posterior (mean, std) kept; every step still draws its sample, with the same draw as an
-uncached step, so caching changes speed, not results (it needs deterministic transforms)."""
+"""Images to scaled VAE latents, optionally cached: each image is encoded once and its
+posterior kept; every step still draws its sample from the batch's posterior, exactly as an
+uncached step does (same draw, same memory layout, which ``randn_like`` noise follows), so
+caching changes speed, not results. It needs deterministic transforms (center crop, no flip)."""
 from __future__ import annotations
 
 import torch
 
-from ..noise import randn_tensor
+from ..models.vae import DiagonalGaussian
 
 __all__ = ["LatentCache", "scale"]
 
@@ -18,11 +19,22 @@ class LatentCache:
     def __init__(self, vae, images):
         """``images``: one (3, H, W) tensor per example, in [-1, 1]."""
         with torch.no_grad():
-            posts = [vae.encode(x[None].to(vae.device, vae.dtype)) for x in images]
-        self.vae = vae
-        self.mean = torch.cat([p.mean for p in posts])
-        self.std = torch.cat([p.std for p in posts])
+            self.parameters = [vae.encode(x[None].to(vae.device, vae.dtype)).parameters for x in images]
+        self.first, self.vae = images[0], vae
+        self.layouts: dict[int, torch.Tensor] = {}  # batch size -> the VAE output's strides for it
+
+    def _strides(self, n: int):
+        """The strides the VAE's output has for a batch of ``n`` (the backend chooses the layout,
+        e.g. channels-last for some batch sizes on CPU): probed once per batch size."""
+        if n not in self.layouts:
+            with torch.no_grad():
+                batch = torch.stack([self.first] * n).to(self.vae.device, self.vae.dtype)
+                self.layouts[n] = self.vae.encode(batch).parameters.stride()
+        return self.layouts[n]
 
     def sample(self, indices) -> torch.Tensor:
-        mean, std = self.mean[indices], self.std[indices]
-        return scale(self.vae, mean + std * randn_tensor(mean.shape, device=mean.device, dtype=mean.dtype))
+        cat = torch.cat([self.parameters[i] for i in indices])
+        params = torch.empty_strided(cat.shape, self._strides(len(indices)), dtype=cat.dtype, device=cat.device)
+        params.copy_(cat)
+        posterior = DiagonalGaussian(params)
+        return scale(self.vae, posterior.sample())
