@@ -227,6 +227,29 @@ def test_errors(sd1_loras, tmp_path):
         pipe.unload_lora("y")
 
 
+def test_any_file_name_is_a_lora_name(sd1_loras, tmp_path):
+    """File stems with dots (``detail_v1.0``) and names of module attributes (``eval``) work:
+    loaded, equal to the same LoRA under a plain name, fused, unloaded."""
+    import shutil
+
+    model, a, _, _, _ = sd1_loras
+    pipe = ours(model)
+    base = pipe("a cat", generator=gen(), **KW).images
+    pipe.load_lora(a, name="plain")
+    expected = pipe("a cat", generator=gen(), **KW).images
+    pipe.unload_lora("plain")
+    dotted = shutil.copy(a, tmp_path / "detail_v1.0.safetensors")
+    assert pipe.load_lora(dotted, weight=0.5) == "detail_v1.0"
+    assert pipe.load_lora(a, weight=0.5, name="eval") == "eval"
+    assert np.abs(pipe("a cat", generator=gen(), **KW).images - expected).max() <= 1e-5
+    pipe.fuse_lora()
+    assert np.abs(pipe("a cat", generator=gen(), **KW).images - expected).max() <= 1e-4
+    pipe.unfuse_lora()
+    pipe.unload_lora("detail_v1.0")
+    pipe.unload_lora("eval")
+    assert np.abs(pipe("a cat", generator=gen(), **KW).images - base).max() == 0
+
+
 def test_textual_inversion_and_lora_combined(sd1_loras, tmp_path):
     """TI + LoRA in one call with CFG (the default control): each changes the output."""
     model, a, _, _, _ = sd1_loras

@@ -52,13 +52,48 @@ class _Adapter(nn.Module):
         return torch.einsum("or,rikl->oikl", up.flatten(1), down)
 
 
+class _Adapters(nn.Module):
+    """Adapters by LoRA name. Names are file stems, which may hold dots (``detail_v1.0``) or be
+    ``nn.Module`` attribute names (``eval``), both refused as ModuleDict keys: each adapter is
+    registered under a key of its own, so it still moves with the layer (``.to()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self._keys: dict[str, str] = {}
+        self._next = 0
+
+    def __setitem__(self, name: str, adapter: _Adapter) -> None:
+        if name not in self._keys:
+            self._keys[name] = f"adapter{self._next}"
+            self._next += 1
+        self._modules[self._keys[name]] = adapter
+
+    def __getitem__(self, name: str) -> _Adapter:
+        return self._modules[self._keys[name]]
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[self._keys.pop(name)]
+
+    def __contains__(self, name) -> bool:
+        return name in self._keys
+
+    def __iter__(self):
+        return iter(list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def items(self):
+        return [(n, self[n]) for n in self._keys]
+
+
 class LoraLayer(nn.Module):
     """A Linear or Conv2d plus any number of named low-rank adapters."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.lora_base = base
-        self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters = _Adapters()
         self.lora_weights: dict[str, float] = {}
         self.fused: dict[str, float] = {}  # adapters currently added into base.weight
         self._original: Optional[Tensor] = None  # base.weight before fusing
