@@ -115,6 +115,17 @@ def test_ckpt_loads_the_same_as_safetensors(single_file, tmp_path):
     assert _diff(a, b) == 0.0
 
 
+def test_dtype_auto_and_names(single_file, monkeypatch):
+    from controldiff import precision
+
+    folder, path = single_file(family="sd1")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert cd.Pipeline.from_single_file(path, config=folder, dtype="auto").dtype == torch.bfloat16
+    assert cd.Pipeline.from_single_file(path, config=folder, dtype="float32").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        cd.Pipeline.from_single_file(path, config=folder, dtype="float8")
+
+
 def test_prediction_type_argument_overrides(single_file):
     folder, path = single_file(family="sd1")
     pipe = cd.Pipeline.from_single_file(path, config=folder, prediction_type="v_prediction")

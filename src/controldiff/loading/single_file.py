@@ -339,12 +339,15 @@ class SingleFileMixin:
     """Mixed into :class:`controldiff.Pipeline`."""
 
     @classmethod
-    def from_single_file(cls, path, device="cpu", dtype: torch.dtype = torch.float32, config=None,
+    def from_single_file(cls, path, device="cpu", dtype=torch.float32, config=None,
                          prediction_type: Optional[str] = None):
         """Load an original-layout SD1/SD2/SDXL checkpoint (``.safetensors``, or a plain-tensor
         ``.ckpt``/``.pt``). ``config``: a diffusers folder whose configs (and tokenizers) to use
         for what the shapes do not tell; default: the bundled configs of the detected family.
-        ``prediction_type``: overrides the scheduler's (see the module docstring for SD2)."""
-        c = load_single_file(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
+        ``prediction_type``: overrides the scheduler's (see the module docstring for SD2).
+        ``dtype``: a torch dtype, its name or "auto" (as :meth:`Pipeline.from_pretrained`)."""
+        from ..precision import resolve_dtype
+
+        c = load_single_file(path, device=device, dtype=resolve_dtype(dtype, device), config=config, prediction_type=prediction_type)
         return cls(c.unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler_config, c.info, c.model_index,
                    Path(path))
