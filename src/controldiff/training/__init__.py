@@ -1,13 +1,14 @@
 """Training (``controldiff train``): one loop for every method; methods differ only in what
-is trainable and what is saved. Implemented: LoRA."""
+is trainable and what is saved. Implemented: LoRA, DreamBooth."""
 from .data import Example, read_folder
+from .dreambooth import DreamBooth
 from .lora import LoRA
 from .objective import Objective, compute_snr
 from .trainer import FORMATS, TrainConfig, TrainResult, train
 from .transforms import ImageTransform
 
-__all__ = ["Example", "read_folder", "LoRA", "Objective", "compute_snr", "FORMATS", "TrainConfig", "TrainResult",
+__all__ = ["Example", "read_folder", "DreamBooth", "LoRA", "Objective", "compute_snr", "FORMATS", "TrainConfig", "TrainResult",
            "train", "ImageTransform", "METHODS"]
 
 #: every method name of the CLI; the ones without a class are not implemented yet
-METHODS = {"lora": LoRA, "dreambooth": None, "textual-inversion": None, "custom-diffusion": None}
+METHODS = {"lora": LoRA, "dreambooth": DreamBooth, "textual-inversion": None, "custom-diffusion": None}

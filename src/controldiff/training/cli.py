@@ -16,7 +16,7 @@ __all__ = ["add_parser", "cmd_train"]
 def add_parser(sub) -> None:
     from ..cli import _finite_float, _positive_int, _seed, _text
 
-    t = sub.add_parser("train", help="train a LoRA (DreamBooth, textual inversion, Custom Diffusion: not yet)",
+    t = sub.add_parser("train", help="fine-tune a model (METHOD: lora, dreambooth, ...)",
                        description="Train on a folder of images with optional same-name .txt captions. "
                                    "Checkpoints go to OUTPUT/checkpoint-STEP; Ctrl-C writes one and exits 130.")
     t.add_argument("method", choices=list(METHODS), metavar="METHOD",
@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     t.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", dest="batch_size")
     t.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="N",
                    dest="gradient_accumulation", help="batches per optimisation step (default 1)")
-    t.add_argument("--lr", type=_finite_float, default=1e-4, metavar="X", help="learning rate (default 1e-4)")
+    t.add_argument("--lr", type=_finite_float, metavar="X",
+                   help="learning rate (default: the method's script's, 5e-6 for dreambooth; else 1e-4)")
     t.add_argument("--lr-scheduler", default="constant", dest="lr_scheduler",
                    choices=("constant", "constant_with_warmup", "linear", "cosine"))
     t.add_argument("--lr-warmup-steps", type=int, default=0, metavar="N", dest="lr_warmup_steps")
@@ -48,8 +49,17 @@ def add_parser(sub) -> None:
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="N", dest="checkpoint_every")
     t.add_argument("--resume", type=Path, metavar="DIR", help="a checkpoint, or an output folder (its latest)")
     t.add_argument("--train-text-encoder", action="store_true", dest="train_text_encoder",
-                   help="also train LoRA adapters on the text encoder(s)")
-    t.add_argument("--format", choices=FORMATS, default="both", help="saved LoRA format (default both)")
+                   help="also train the text encoder(s) (LoRA: adapters on them)")
+    t.add_argument("--class-data", type=Path, metavar="DIR", dest="class_data",
+                   help="prior preservation: folder of class images (missing ones are generated into it)")
+    t.add_argument("--class-prompt", type=_text, metavar="TEXT", dest="class_prompt",
+                   help="prior preservation: the class images' prompt, e.g. 'a photo of a dog'")
+    t.add_argument("--num-class-images", type=_positive_int, default=100, metavar="N", dest="num_class_images",
+                   help="prior preservation: class images used (and generated up to; default 100)")
+    t.add_argument("--prior-loss-weight", type=_finite_float, default=1.0, metavar="W", dest="prior_loss_weight",
+                   help="prior preservation: weight of the class images' loss (default 1.0)")
+    t.add_argument("--format", choices=FORMATS, default="both", help="saved files: lora kohya|diffusers, dreambooth diffusers (OUTPUT/diffusers)|single-file "
+                        "(OUTPUT/NAME.safetensors); default both")
     t.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     t.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -66,11 +76,17 @@ def cmd_train(args) -> int:
         raise UsageError(f"argument METHOD: {args.method} is not implemented yet (implemented: {done})")
     if not args.model.is_dir():
         raise UsageError(f"argument MODEL: not a model folder: {args.model}")
-    method = cls(rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder)
+    if hasattr(cls, "from_args"):  # a method with arguments of its own
+        method = cls.from_args(args)
+    else:
+        method = cls(rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder)
     names = ("data", "output", "prompt", "resolution", "steps", "batch_size", "gradient_accumulation", "lr",
              "lr_scheduler", "lr_warmup_steps", "seed", "snr_gamma", "noise_offset", "center_crop", "flip",
-             "cache_latents", "checkpoint_every", "resume", "format", "progress")
+             "cache_latents", "checkpoint_every", "resume", "format", "progress", "class_data", "class_prompt",
+             "num_class_images", "prior_loss_weight")
     config = TrainConfig(**{n: getattr(args, n) for n in names})
+    if config.lr is None:
+        config.lr = getattr(cls, "lr", 1e-4)  # the method's reference script's default
     config.check()
     device, _ = _device_and_dtype(args.device, "float32")
     try:

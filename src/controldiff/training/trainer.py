@@ -3,8 +3,10 @@ what is saved (``method.attach`` / ``method.save``); data, objective, optimizer,
 checkpoints and resume are here, once.
 
 Order of random draws (torch's global RNG after ``set_seed``), as diffusers' example
-scripts: the method's init, then per epoch the data order, per example its crop/flip, per
-step the VAE sample, the noise (and offset) and the timesteps.
+scripts: the method's init, then per epoch the data order, per example its crop/flip (within
+an epoch the next batch is drawn before the step's own draws, as accelerate's data loader
+draws one batch ahead), per step the VAE sample, the noise (and offset) and the timesteps.
+With prior preservation (``training/prior.py``) each example is an instance and a class image.
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ from .batches import Batches
 from .data import read_folder
 from .latents import LatentCache, scale
 from .objective import Objective
+from .prior import Pairs, PriorObjective, check_prior, class_examples, class_images
 from .schedule import SCHEDULES, lr_schedule
 from .text import encode
 from .transforms import ImageTransform, load_rgb
 
 __all__ = ["TrainConfig", "TrainResult", "train", "FORMATS"]
 
-FORMATS = ("kohya", "diffusers", "both")
+FORMATS = ("kohya", "diffusers", "single-file", "both")  # each method writes some (``method.formats``)
 
 
 @dataclass
@@ -63,6 +66,10 @@ class TrainConfig:
     resume: Optional[Path] = None
     format: str = "both"
     progress: bool = True
+    class_data: Optional[Path] = None     # prior preservation (training/prior.py): class images,
+    class_prompt: Optional[str] = None    # made here where fewer than num_class_images
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
 
     def check(self) -> None:
         """Every argument, before any file is read."""
@@ -90,6 +97,7 @@ class TrainConfig:
             raise ValueError(f"format: expected one of {FORMATS}, got {self.format!r}")
         if self.seed is not None:
             check_seed(self.seed)
+        check_prior(self.class_data, self.class_prompt, self.num_class_images, self.prior_loss_weight)
         ImageTransform(self.resolution, interpolation=self.interpolation)
         if self.cache_latents and (self.flip or not self.center_crop):
             raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
@@ -139,7 +147,10 @@ class _Data:
         if config.cache_latents:
             self.cache = LatentCache(vae, [self.transform(load_rgb(e.path))[0] for e in examples])
 
-    def batch(self, indices):
+    def draw(self, indices, stacked=None) -> tuple:
+        """A batch's random part (crops, flips), drawn when the scripts' data
+        loader draws it. ``indices``: examples in the order their transforms draw; ``stacked``:
+        their positions in batch order (default: as drawn)."""
         r = self.transform.resolution
         time_ids = []
         images = []
@@ -153,6 +164,17 @@ class _Data:
                 top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
             w, h = e.size
             time_ids.append([h, w, top, left, r, r])
+        if stacked is not None:
+            indices, time_ids = [indices[k] for k in stacked], [time_ids[k] for k in stacked]
+            images = [images[k] for k in stacked] if images else images
+        return indices, images, time_ids
+
+    def encode(self, drawn: tuple):
+        """(latents, captions, SDXL time ids) of a drawn batch; the VAE sample is the step's."""
+        indices, images, time_ids = drawn
+        # captions draw from Python's RNG only (templates), so when used: a batch drawn ahead
+        # again on resume must not draw them twice
+        captions = [self.examples[i].caption for i in indices]
         if self.cache is not None:
             latents = self.cache.sample(indices)
         else:
@@ -160,7 +182,7 @@ class _Data:
             with torch.no_grad():
                 latents = scale(self.vae, self.vae.encode(pixels).sample())
         time_ids = torch.tensor(time_ids, dtype=latents.dtype, device=latents.device) if self.sdxl else None
-        return latents, [self.examples[i].caption for i in indices], time_ids
+        return latents, captions, time_ids
 
 
 def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float32) -> TrainResult:
@@ -172,17 +194,29 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
 
     config.check()
     examples = read_folder(config.data, config.resolution, config.prompt)
+    kinds = getattr(method, "formats", ("kohya", "diffusers"))  # the files the method writes
+    if config.format != "both" and config.format not in kinds:
+        raise ValueError(f"format: {method.name} saves {' or '.join(kinds)} (or both), got {config.format!r}")
+    pairs = Pairs(len(examples), config.num_class_images) if config.class_data is not None else None
+    count = pairs.count if pairs else len(examples)  # the data set's length
     configs = read_configs(model)
     signature = ckpt.model_signature(configs)
     resumed = ckpt.read(config.resume) if config.resume is not None else None
     if resumed is not None:
-        _check_resume(resumed, signature, method, len(examples), config)
+        _check_resume(resumed, signature, method, count, config)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
+    if pairs is not None:  # before the seed: generation draws from its own generators
+        class_images(model, config.class_data, config.class_prompt, config.num_class_images, config.resolution,
+                     config.seed, device=device, dtype=dtype, progress=config.progress)
+        examples += class_examples(config.class_data, config.class_prompt, config.num_class_images,
+                                   config.resolution)
 
     if config.seed is not None:
         ckpt.set_seed(config.seed)
     c = load_components(model, device=device, dtype=dtype)
+    if hasattr(method, "bind"):  # a method that saves whole models (DreamBooth) sees every component
+        method.bind(c)
     sdxl = c.info.family == "sdxl"
     roots = _roots(c)
     for m in roots.values():
@@ -196,9 +230,11 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     schedule = lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, config.steps)
-    objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset)
+    objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset) \
+        if pairs is None else PriorObjective(create("ddpm", c.scheduler_config), config.snr_gamma,
+                                             config.noise_offset, config.prior_loss_weight)
     objective.target(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))  # prediction type check
-    batches = Batches(len(examples), config.batch_size)
+    batches = Batches(count, config.batch_size)
     step = 0
     if resumed is not None:
         method.load_state_dict(resumed.trainable, str(config.resume))
@@ -206,12 +242,26 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         schedule.load_state_dict(resumed.lr_scheduler)
         ckpt.set_rng_state(resumed.rng)
         d = resumed.info["data"]
-        batches = Batches(len(examples), config.batch_size, d["epoch"], d["order"], d["position"])
+        batches = Batches(count, config.batch_size, d["epoch"], d["order"], d["position"])
         step = resumed.step
     data = _Data(examples, config, c.vae, sdxl)
+
+    def fetch():
+        indices = batches.next()
+        return data.draw(*pairs(indices)) if pairs else data.draw(indices)
+
+    # accelerate's data loader draws a batch ahead within an epoch (the next batch's crops come
+    # before this step's noise); a checkpoint keeps the RNG and data state from before the batch
+    # drawn ahead, so that a resumed run draws it again
+    pending, ahead = None, None
+    if resumed is not None and "ahead" in resumed.info["data"]:
+        after = torch.get_rng_state()
+        torch.set_rng_state(torch.tensor(resumed.info["data"]["ahead"], dtype=torch.uint8))
+        ahead, pending = (torch.get_rng_state(), batches.state()), fetch()
+        torch.set_rng_state(after)
     info = {"model": signature, "model_path": str(Path(model).resolve()), "method": method.describe(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
-    frozen_text = not (method.train_text_encoder and any(n != "unet" for n in method.layers))
+    frozen_text = not method.train_text_encoder
     text_cache: dict = {}
 
     def conditioning(captions):
@@ -228,8 +278,9 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         return embeds, pooled
 
     def snapshot() -> ckpt.Checkpoint:
+        state = batches.state() if ahead is None else dict(ahead[1], ahead=ahead[0].tolist())
         return ckpt.Checkpoint(step, method.state_dict(), optimizer.state_dict(), schedule.state_dict(),
-                               ckpt.rng_state(), dict(info, data=batches.state()))
+                               ckpt.rng_state(), dict(info, data=state))
 
     from tqdm.auto import tqdm
 
@@ -240,7 +291,12 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         while step < config.steps:
             total = 0.0
             for _ in range(config.gradient_accumulation):
-                latents, captions, time_ids = data.batch(batches.next())
+                drawn = pending if pending is not None else fetch()
+                pending = ahead = None
+                if batches.position < len(batches.order):  # more of this epoch: the next batch is drawn now
+                    ahead = (torch.get_rng_state(), batches.state())
+                    pending = fetch()
+                latents, captions, time_ids = data.encode(drawn)
                 embeds, pooled = conditioning(captions)
                 added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
                 loss = objective(c.unet, latents, embeds, added)
@@ -269,7 +325,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         raise
     finally:
         bar.close()
-    formats = ("kohya", "diffusers") if config.format == "both" else (config.format,)
+    formats = kinds if config.format == "both" else (config.format,)
     result.files = method.save(output, formats, ckpt.atomic_file)
     return result
 
