@@ -4,11 +4,12 @@ from .data import Example, read_folder
 from .dreambooth import DreamBooth
 from .lora import LoRA
 from .objective import Objective, compute_snr
+from .textual_inversion import TextualInversion
 from .trainer import FORMATS, TrainConfig, TrainResult, train
 from .transforms import ImageTransform
 
-__all__ = ["Example", "read_folder", "DreamBooth", "LoRA", "Objective", "compute_snr", "FORMATS", "TrainConfig", "TrainResult",
+__all__ = ["Example", "read_folder", "DreamBooth", "LoRA", "TextualInversion", "Objective", "compute_snr", "FORMATS", "TrainConfig", "TrainResult",
            "train", "ImageTransform", "METHODS"]
 
 #: every method name of the CLI; the ones without a class are not implemented yet
-METHODS = {"lora": LoRA, "dreambooth": DreamBooth, "textual-inversion": None, "custom-diffusion": None}
+METHODS = {"lora": LoRA, "dreambooth": DreamBooth, "textual-inversion": TextualInversion, "custom-diffusion": None}

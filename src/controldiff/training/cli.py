@@ -50,6 +50,13 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", type=Path, metavar="DIR", help="a checkpoint, or an output folder (its latest)")
     t.add_argument("--train-text-encoder", action="store_true", dest="train_text_encoder",
                    help="also train the text encoder(s) (LoRA: adapters on them)")
+    t.add_argument("--token", metavar="TOKEN", help="textual inversion: the new token, e.g. '<cat-toy>'")
+    t.add_argument("--initializer-token", metavar="WORD", dest="initializer_token",
+                   help="textual inversion: a word of one token whose embedding starts the new one")
+    t.add_argument("--num-vectors", type=_positive_int, default=1, metavar="N", dest="num_vectors",
+                   help="textual inversion: vectors of the token (default 1)")
+    t.add_argument("--learnable-property", choices=("object", "style"), default="object", dest="learnable_property",
+                   help="textual inversion: the caption templates of images without captions (default object)")
     t.add_argument("--class-data", type=Path, metavar="DIR", dest="class_data",
                    help="prior preservation: folder of class images (missing ones are generated into it)")
     t.add_argument("--class-prompt", type=_text, metavar="TEXT", dest="class_prompt",

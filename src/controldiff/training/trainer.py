@@ -140,9 +140,11 @@ def _roots(components) -> dict:
 class _Data:
     """Examples to (latents, captions, SDXL time ids) batches."""
 
-    def __init__(self, examples, config: TrainConfig, vae, sdxl: bool):
+    def __init__(self, examples, config: TrainConfig, vae, sdxl: bool, method=None):
         self.examples, self.vae, self.sdxl = examples, vae, sdxl
-        self.transform = ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
+        self.caption = getattr(method, "caption", lambda e: e.caption)  # e.g. a template drawn per use
+        self.transform = method.transform(config, sdxl) if hasattr(method, "transform") else \
+            ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
         self.cache = None
         if config.cache_latents:
             self.cache = LatentCache(vae, [self.transform(load_rgb(e.path))[0] for e in examples])
@@ -174,7 +176,7 @@ class _Data:
         indices, images, time_ids = drawn
         # captions draw from Python's RNG only (templates), so when used: a batch drawn ahead
         # again on resume must not draw them twice
-        captions = [self.examples[i].caption for i in indices]
+        captions = [self.caption(self.examples[i]) for i in indices]
         if self.cache is not None:
             latents = self.cache.sample(indices)
         else:
@@ -193,7 +195,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     from ..schedulers import create
 
     config.check()
-    examples = read_folder(config.data, config.resolution, config.prompt)
+    read = getattr(method, "read_data", None)  # a method with data of its own (textual inversion's templates)
+    examples = read(model, config) if read else read_folder(config.data, config.resolution, config.prompt)
     kinds = getattr(method, "formats", ("kohya", "diffusers"))  # the files the method writes
     if config.format != "both" and config.format not in kinds:
         raise ValueError(f"format: {method.name} saves {' or '.join(kinds)} (or both), got {config.format!r}")
@@ -244,7 +247,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         d = resumed.info["data"]
         batches = Batches(count, config.batch_size, d["epoch"], d["order"], d["position"])
         step = resumed.step
-    data = _Data(examples, config, c.vae, sdxl)
+    data = _Data(examples, config, c.vae, sdxl, method)
 
     def fetch():
         indices = batches.next()
