@@ -24,7 +24,7 @@ from .loading.textual_inversion import TextualInversionMixin
 from .defaults import default_strength, defaults_for, task_of
 from .diffedit import DiffEditMixin
 from .images import as_batch, image_size, postprocess, preprocess_image, preprocess_mask
-from .memory import check_fits
+from .memory import check_fits, parse_budget, resolve_budget
 from .model_editing import ModelEditingMixin
 from .noise import randn_tensor, seeded
 from .precision import LATENT_DTYPE, resolve_dtype
@@ -83,6 +83,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         self.path = path
         self.prompt_encoder = PromptEncoder(self.tokenizers, self.text_encoders, sdxl=info.family == "sdxl")
         self.progress = True
+        self.memory_budget = None   # bytes a UNet call may use: None = half the free memory, '4GiB', math.inf
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -119,6 +120,20 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         s = self.unet.config.sample_size
         h, w = (s, s) if isinstance(s, int) else s
         return h * self.latent_factor, w * self.latent_factor
+
+    def compile(self, mode=None, dynamic=None, channels_last=None, fullgraph=False, backend="inductor") -> "Pipeline":
+        """torch.compile the UNet's and VAE's layers, keeping every control composable
+        (:mod:`controldiff.compile`); :meth:`uncompile` goes back to eager."""
+        from .compile import compile_pipeline
+
+        compile_pipeline(self, mode, dynamic, channels_last, fullgraph, backend)
+        return self
+
+    def uncompile(self) -> "Pipeline":
+        from .compile import uncompile_pipeline
+
+        uncompile_pipeline(self)
+        return self
 
     def make_scheduler(self, name: Optional[str] = None):
         """A fresh scheduler: the model folder's own, or one by name built from its config."""
@@ -368,6 +383,7 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
                 raise ValueError(f"strength: expected a value in (0, 1], got {strength!r}")
             strength = float(strength)
         height, width = self._default_size(height, width, image, controls)
+        parse_budget(self.memory_budget, "pipe.memory_budget")
         check_fits(batch, height, width, self.vae.config.block_out_channels[0], self.vae.dtype.itemsize,
                    self.device, num_images_per_prompt)
         for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
@@ -440,7 +456,8 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
                                                            "a control's prompt"),
                        vae=self.vae, info=self.info, height=height, width=width, timesteps=timesteps,
                        guidance_scale=guidance_scale, decoder=self._decode, encoder=self._encode_image,
-                       tokenize=self.prompt_encoder.token_ids)
+                       tokenize=self.prompt_encoder.token_ids,
+                       memory_budget=resolve_budget(self.memory_budget, self.device))
 
     def _run(self, ctx: Context, latents: torch.Tensor, controls: list, callback, step_kwargs: dict) -> tuple:
         """Set up the controls, check the UNet's input channels, run THE loop, tear down."""

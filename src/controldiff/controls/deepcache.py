@@ -12,7 +12,8 @@ The schedule is per sampling step (one batched call holds every branch: CFG, SEG
 concepts, PAG), counted as the reference counts UNet calls: by the position of the step's
 timestep in the run's schedule, so Heun-like schedulers, which evaluate a timestep twice,
 give both evaluations the decision of its first (as the reference does). Every call of a
-step keeps its own features (MultiDiffusion's view groups); a call whose branches or
+step keeps its own features (MultiDiffusion's view groups), each part of a call the loop
+splits by its memory budget too; a call whose branches or
 views differ from those of its last full step runs in full. ControlNet and T2I-Adapter
 residuals act on the skips that run (the deep ones are in the cached features, as with
 the reference on diffusers' ControlNet pipeline). Re-runs through ``ctx.run_unet`` (SAG,
@@ -26,6 +27,25 @@ from ..sampling.control import Control
 SKIPS_PER_LEVEL = 3   # the reference's numbering: SD and SDXL levels have two layers (three skips)
 
 
+class PartCaches:
+    """One call's features: a SkipCache per part of its rows the loop evaluates (the memory
+    budget may split a call; see ``ModelCall.window``). Outside the evaluation (re-runs that
+    copy the call's arguments, as SAG's) ``rows_of`` gives None: they run in full."""
+
+    def __init__(self, level: int, layer: int):
+        self.level, self.layer = level, layer
+        self.parts: dict[tuple[int, int], SkipCache] = {}
+        self.call = None
+
+    def rows_of(self, rows: slice):
+        if self.call is None or self.call.window is None:
+            return None
+        key = (rows.start, rows.stop)
+        if key not in self.parts:
+            self.parts[key] = SkipCache(self.level, self.layer)
+        return self.parts[key]
+
+
 class DeepCache(Control):
     def __init__(self, cache_interval: int = 3, cache_branch_id: int = 0, skip_mode: str = "uniform"):
         for name, v, low in (("cache_interval", cache_interval, 1), ("cache_branch_id", cache_branch_id, 0)):
@@ -36,7 +56,7 @@ class DeepCache(Control):
         self.cache_interval = cache_interval
         self.cache_branch_id = cache_branch_id
         self.skip_mode = skip_mode
-        self._caches: list[SkipCache] = []   # one per call of a step (MultiDiffusion's view groups)
+        self._caches: list[PartCaches] = []   # one per call of a step (MultiDiffusion's view groups)
         self._layouts: list = []               # each call's branches and views at its last full step
         self._calls = 0
 
@@ -72,12 +92,14 @@ class DeepCache(Control):
         k = self._calls
         self._calls += 1
         if k == len(self._caches):
-            self._caches.append(SkipCache(self._level, self._layer))
+            self._caches.append(PartCaches(self._level, self._layer))
             self._layouts.append(None)
         layout = (list(call.slices.items()), call.views, tuple(call.x.shape))
-        cache = self._caches[k]
+        caches = self._caches[k]
+        caches.call = call
         if self.is_full(step) or layout != self._layouts[k]:
-            cache.feature = None   # this call runs in full and records
+            caches.parts.clear()   # this call runs in full and records (the same parts, given the same shape)
             self._layouts[k] = layout
-        cache.used = False
-        call.kwargs["skip_cache"] = cache
+        for cache in caches.parts.values():
+            cache.used = False
+        call.kwargs["skip_cache"] = caches

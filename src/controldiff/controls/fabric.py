@@ -174,12 +174,13 @@ class FABRIC(Control):
         feeds.sort(key=lambda f: f[0].start)
         for site, states in self._states.items():
             parts = [(rows, states[which], self._weights[site][which]) for rows, which in feeds]
-            call.add_processor(site, lambda inner, parts=parts: self._processor(inner, parts))
+            call.add_processor(site, lambda inner, parts=parts: self._processor(inner, parts, call))
 
     @staticmethod
-    def _processor(inner, parts):
+    def _processor(inner, parts, call):
         def fabric(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
             h = hidden_states
+            here = [(call.local(rows), ref, w) for rows, ref, w in parts]   # in the part evaluated now
             # another control's processor sees the whole batch, its rows where it expects them
             base = None if inner is default_processor else inner(attn, h, encoder_hidden_states, attention_mask)
 
@@ -189,7 +190,9 @@ class FABRIC(Control):
                 return attn.default(h[lo:hi], encoder_hidden_states, attention_mask)
 
             out, pos = [], 0
-            for rows, ref, w in parts:
+            for rows, ref, w in here:
+                if rows.start == rows.stop:
+                    continue
                 if rows.start > pos:
                     out.append(other(pos, rows.start))
                 out.append(attend_with(attn, h[rows], ref, w))

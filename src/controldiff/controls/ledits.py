@@ -119,29 +119,32 @@ class LEdits(SEGA):
                              "pass use_cross_attn_mask=False, use_intersect_mask=False")
         names = list(dict.fromkeys(self.branch_name(c) for c in self.concepts))
         rows = {name: call.rows(name) for name in names}
-        self._maps = {name: {"up": [], "down": []} for name in names}
+        self._maps = {name: {"up": {}, "down": {}} for name in names}   # block -> site -> row parts
         tokens = self._res[0] * self._res[1]
 
-        def wrap(block):
+        def wrap(site, block):
             def outer(inner):
                 def read_maps(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
                     out = inner(attn, hidden_states, encoder_hidden_states, attention_mask)
                     if hidden_states.shape[1] == tokens:
-                        for name, r in rows.items():
-                            q = attn.split_heads(attn.to_q(hidden_states[r]))
-                            k = attn.split_heads(attn.to_k(encoder_hidden_states[r]))
-                            self._maps[name][block].append(attn.probs(q, k))
+                        for name, whole in rows.items():
+                            r = call.local(whole)   # the part evaluated now: its maps join the site's
+                            if r.start < r.stop:
+                                q = attn.split_heads(attn.to_q(hidden_states[r]))
+                                k = attn.split_heads(attn.to_k(encoder_hidden_states[r]))
+                                self._maps[name][block].setdefault(site, []).append(attn.probs(q, k))
                     return out
                 return read_maps
             return outer
 
         for site, block in self._sites.items():
-            call.add_processor(site, wrap(block))
+            call.add_processor(site, wrap(site, block))
 
     def attention_mask(self, name: str, c: Concept, like: torch.Tensor) -> torch.Tensor:
         """The concept's cross-attention mask at latent size (the reference's M^1)."""
         h, w = self._res
-        found = self._maps[name]["up"] + self._maps[name]["down"]  # the reference's order
+        found = [torch.cat(parts) for block in ("up", "down") for parts in self._maps[name][block].values()]
+        # (the reference's order: up sites, then down, each in call order)
         maps = torch.cat([m.reshape(m.shape[0], m.shape[1], h, w, m.shape[-1]) for m in found], dim=1)
         maps = maps.sum(1) / maps.shape[1]
         attn = maps[:, :, :, 1:maps.shape[-1] - 1].sum(dim=3)  # every token but the first and last (the reference's)

@@ -86,11 +86,13 @@ class PAG(Control):
     def prepare_call(self, ctx, step, call):
         if not self.enabled:
             return
-        rows = call.rows(self.name)
+        whole = call.rows(self.name)
 
         def wrap(inner):
             def identity(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-                h = hidden_states
+                h, rows = hidden_states, call.local(whole)   # its rows in the part evaluated now
+                if rows.start == rows.stop:
+                    return inner(attn, h, encoder_hidden_states, attention_mask)
                 perturbed = attn.to_out[1](attn.to_out[0](attn.to_v(h[rows])))
                 if inner is default_processor:  # no attention for the perturbed rows
                     parts = [attn.default(p, encoder_hidden_states, attention_mask)

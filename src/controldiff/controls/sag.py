@@ -58,14 +58,18 @@ class SAG(Control):
     def prepare_call(self, ctx, step, call):
         if self.scale == 0:
             return
-        rows = call.rows(self._source(call))
+        whole = call.rows(self._source(call))
 
         def wrap(inner):
             def read_map(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
                 out = inner(attn, hidden_states, encoder_hidden_states, attention_mask)
-                h = hidden_states[rows]
-                q, k = attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h))
-                self._probs = attn.probs(q, k, attention_mask)
+                rows = call.local(whole)   # the part evaluated now (the loop may split the call)
+                if rows.start < rows.stop:
+                    if call.window is None or call.window.start <= whole.start:   # the branch's first part
+                        self._probs = []
+                    h = hidden_states[rows]
+                    q, k = attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h))
+                    self._probs.append(attn.probs(q, k, attention_mask))
                 return out
             return read_map
 
@@ -81,7 +85,7 @@ class SAG(Control):
         channels = out.shape[1]
         x = call.x[rows, :channels]   # the model input: alpha * x0 + sigma * eps for every scheduler
         x0, eps = step.x0_eps(out, x)
-        degraded = self._degrade(ctx, step, x0, self._probs, eps)
+        degraded = self._degrade(ctx, step, x0, torch.cat(self._probs) if self._probs else None, eps)
         if call.x.shape[1] > channels:   # extra input channels (inpainting): as the branch had them
             degraded = torch.cat([degraded, call.x[rows, channels:]], dim=1)
         text, time_ids, extra = call.branch_inputs(src)

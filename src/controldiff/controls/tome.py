@@ -11,7 +11,8 @@ shared by every row of the call, from a generator of its own (tomesd forks the g
 torch generator at its first merge); a call with an odd batch draws nothing and takes the
 top-left of each cell (tomesd's rule, so prompted and unprompted rows stay alike).
 ``seed=s`` draws what tomesd draws after ``torch.manual_seed(s)``; ``seed=None`` forks the
-global generator at the start of each run.
+global generator at the start of each run. A call the loop evaluates in parts (its memory
+budget) draws once, as one call would.
 
 Composition: the block hook merges around whatever processors other controls attach, so
 they see the merged tokens exactly as diffusers' processors do under tomesd (PAG,
@@ -33,8 +34,13 @@ from .attend_excite import AttendAndExcite
 from .sag import SAG, SITE as SAG_SITE
 
 
+def draw_pick(h: int, w: int, sx: int, sy: int, generator: torch.Generator) -> torch.Tensor:
+    """One destination per sx x sy cell of an h x w grid, drawn as tomesd draws it."""
+    return torch.randint(sy * sx, size=(h // sy, w // sx, 1), device=generator.device, generator=generator)
+
+
 def bipartite_merge(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
-                    generator: Optional[torch.Generator] = None):
+                    generator: Optional[torch.Generator] = None, pick: Optional[torch.Tensor] = None):
     """(merge, unmerge) token maps for tokens ``metric`` (B, N, C) on an h x w grid: ``r``
     sources merged into their most similar destination (one per sx x sy cell: the top-left,
     or drawn with ``generator``). tomesd's ``bipartite_soft_matching_random2d``, op for op
@@ -42,11 +48,12 @@ def bipartite_merge(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: i
     b, n, _ = metric.shape
     with torch.no_grad():
         hsy, wsx = h // sy, w // sx
-        if generator is None:
+        if pick is not None:   # drawn already (for an earlier part of the same call)
+            pick = pick.to(metric.device)
+        elif generator is None:
             pick = torch.zeros(hsy, wsx, 1, device=metric.device, dtype=torch.int64)
         else:
-            pick = torch.randint(sy * sx, size=(hsy, wsx, 1), device=generator.device,
-                                 generator=generator).to(metric.device)
+            pick = draw_pick(h, w, sx, sy, generator).to(metric.device)
         cells = torch.zeros(hsy, wsx, sy * sx, device=metric.device, dtype=torch.int64)
         cells.scatter_(dim=2, index=pick, src=-torch.ones_like(pick))
         grid = torch.zeros(h, w, device=metric.device, dtype=torch.int64)   # cells cut off at the edges: sources
@@ -136,6 +143,9 @@ class ToMe(Control):
         self._hook = None
         self._size: tuple[int, int] = (0, 0)
         self._gen: Optional[torch.Generator] = None
+        self._call = None           # the loop's call being prepared / evaluated
+        self._draws: list = []      # its blocks' draws, replayed when the loop evaluates it in parts
+        self._k = 0                 # block calls of this UNet evaluation
 
     def merges(self, size: tuple[int, int], tokens: int) -> bool:
         """Whether a block of ``tokens`` tokens in a UNet call of latent ``size`` merges any."""
@@ -182,12 +192,16 @@ class ToMe(Control):
                 b.token_merge = None
         if self._hook is not None:
             self._hook.remove()
-        self._blocks, self._hook, self._gen = [], None, None
+        self._blocks, self._hook, self._gen, self._call, self._draws = [], None, None, None, []
+
+    def prepare_call(self, ctx, step, call):
+        self._call, self._draws = call, []
 
     def _see_size(self, module, args, kwargs):
         """tomesd's pre-hook: the latent size of this UNet call (a view's, in MultiDiffusion)."""
         sample = args[0] if args else kwargs["sample"]
         self._size = (sample.shape[2], sample.shape[3])
+        self._k = 0
 
     def __call__(self, x: torch.Tensor):
         """The blocks' ``token_merge`` hook: (merge, unmerge) for attn1, attn2 and ff."""
@@ -196,6 +210,15 @@ class ToMe(Control):
             return NO_MERGE
         down = downsample(self._size, n)
         h, w = math.ceil(self._size[0] / down), math.ceil(self._size[1] / down)
-        rand = self._gen if x.shape[0] % 2 == 0 else None
-        pair = bipartite_merge(x, h, w, self.sx, self.sy, int(n * self.ratio), rand)
+        # a call the loop evaluates in parts (memory budget) merges as it would in one:
+        # its whole batch decides the parity rule, and later parts reuse the first's draws
+        call = self._call if self._call is not None and self._call.window is not None else None
+        rand = self._gen if (x.shape[0] if call is None else call.x.shape[0]) % 2 == 0 else None
+        pick = None
+        if rand is not None and call is not None:
+            if call.window.start == 0:
+                self._draws.append(draw_pick(h, w, self.sx, self.sy, rand))
+            pick = self._draws[self._k]
+            self._k += 1
+        pair = bipartite_merge(x, h, w, self.sx, self.sy, int(n * self.ratio), rand, pick)
         return tuple(pair if on else (keep, keep) for on in (self.merge_attn, self.merge_crossattn, self.merge_mlp))

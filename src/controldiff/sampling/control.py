@@ -92,6 +92,10 @@ class ModelCall:
     ``slices[name]`` is the batch range of a branch. ``views`` is None for the whole
     canvas, else the views each branch holds side by side. Controls may add UNet keyword
     arguments (``kwargs``) or attention processors (``processors``, by site name).
+
+    The loop may evaluate the rows in parts that fit its memory budget; ``window`` is then the
+    part being evaluated (call rows), so a processor indexes its ``hidden_states`` with
+    ``call.local(call.rows(name))``.
     """
 
     x: torch.Tensor
@@ -102,6 +106,7 @@ class ModelCall:
     views: Optional[list] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     processors: Dict[str, Any] = field(default_factory=dict)
+    window: Optional[slice] = None   # the rows being evaluated now (None: all, or not evaluating)
 
     def add_processor(self, site: str, wrap: Callable[[Callable], Callable]) -> None:
         """Attach at ``site`` the processor ``wrap(inner)``, where ``inner`` is the processor
@@ -113,6 +118,14 @@ class ModelCall:
     def rows(self, name: str) -> slice:
         """Batch rows of branch ``name`` in this call."""
         return self.slices[name]
+
+    def local(self, rows: slice) -> slice:
+        """Call rows ``rows`` within the part being evaluated, in that part's own rows
+        (empty when the part holds none of them)."""
+        if self.window is None:
+            return rows
+        lo, hi = max(rows.start, self.window.start), min(rows.stop, self.window.stop)
+        return slice(lo - self.window.start, max(lo, hi) - self.window.start)
 
     def branch_inputs(self, name: str) -> tuple[TextCond, Optional[torch.Tensor], dict]:
         """Branch ``name``'s text, SDXL time ids and other UNet keyword arguments (residuals
@@ -127,7 +140,10 @@ class ModelCall:
 
 
 def rows_of(value, rows: slice):
-    """The batch rows of a UNet keyword argument (residual tensors, lists or dicts of them)."""
+    """The batch rows of a UNet keyword argument (residual tensors, lists or dicts of them;
+    an object with a ``rows_of(rows)`` method gives its own, e.g. DeepCache's per-part caches)."""
+    if hasattr(value, "rows_of"):
+        return value.rows_of(rows)
     if torch.is_tensor(value):
         return value[rows]
     if isinstance(value, (list, tuple)):
@@ -199,6 +215,7 @@ class Context:
     extras: Dict[str, Any] = field(default_factory=dict)  # free for user controls to share state
     step_kwargs: Dict[str, Any] = field(default_factory=dict)  # this run's extra scheduler.step arguments (eta), set by the loop
     controls: tuple = ()                      # this run's controls in order (set before setup: refusing combinations)
+    memory_budget: Optional[int] = None       # bytes one UNet call may use (None: no limit); see memory.py
 
     @property
     def device(self) -> torch.device:

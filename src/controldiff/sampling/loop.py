@@ -1,7 +1,7 @@
 """THE sampling loop: one loop for every control, every model family.
 
 Each step: gather the branches all controls need, evaluate them in one batched UNet
-call, let the controls combine the predictions, step the scheduler, and run the
+call (run in as many parts as fit the memory budget, with the same result), let the controls combine the predictions, step the scheduler, and run the
 latent operators. A control may split the canvas into views (MultiDiffusion); then
 the same evaluate-combine-step runs on the stacked crops. Nothing here knows about a
 particular control.
@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..precision import LATENT_DTYPE
 from ..text.encode import TextCond
-from .control import Branch, Context, Control, ModelCall, Step, crop_views
+from ..memory import plan_rows, unet_row_bytes
+from .control import Branch, Context, Control, ModelCall, Step, crop_views, rows_of
 from .finite import StepWatch
 
 
@@ -52,12 +53,41 @@ def build_call(ctx: Context, step: Step, latents: torch.Tensor, branches: list[B
     return call
 
 
+def row_bytes(ctx: Context, height: int, width: int) -> int:
+    """Estimated bytes one batch row of a UNet call at ``height`` x ``width`` latents needs."""
+    return unet_row_bytes(ctx.unet.config, height, width, ctx.dtype.itemsize)
+
+
 def evaluate(ctx: Context, call: ModelCall) -> dict[str, torch.Tensor]:
-    """Run the UNet once on the batched call and split the prediction by branch."""
+    """Run the UNet on the batched call and split the prediction by branch.
+
+    The rows are evaluated in as many parts as fit ``ctx.memory_budget`` (one when it
+    allows): every tensor argument is cut to the part's rows (``rows_of``), processors see
+    the part through ``call.window`` / ``call.local``, and the parts' outputs are stacked
+    again, so controls see the predictions one call would give.
+    """
+    parts = plan_rows(call.x.shape[0], row_bytes(ctx, *call.x.shape[-2:]), ctx.memory_budget)
     scope = ctx.unet.attention_processors(call.processors) if call.processors else contextlib.nullcontext()
+    outs = []
     with scope:
-        out = ctx.unet(call.x, call.t, call.embeds, **call.kwargs)
+        for rows in parts:
+            call.window = rows
+            try:
+                t = call.t if not torch.is_tensor(call.t) or call.t.ndim == 0 else call.t[rows]
+                outs.append(ctx.unet(call.x[rows], t, call.embeds[rows], **rows_of(call.kwargs, rows)))
+            finally:
+                call.window = None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return {name: out[s] for name, s in call.slices.items()}
+
+
+def _check_budget(ctx: Context, latents: torch.Tensor, owner: Optional[Control]) -> None:
+    """Refuse before step 0 a budget that cannot hold one row of this run's calls (the
+    canvas, or the largest view of a control that splits it)."""
+    views = getattr(owner, "views", None) or []
+    sizes = [(v.h1 - v.h0, v.w1 - v.w0) for v in views] or [tuple(latents.shape[-2:])]
+    h, w = max(sizes, key=lambda s: s[0] * s[1])
+    plan_rows(1, row_bytes(ctx, h, w), ctx.memory_budget, f"UNet call at {h}x{w} latents")
 
 
 def _views_owner(controls: Sequence[Control]) -> Optional[Control]:
@@ -91,6 +121,7 @@ def sample(
     step_kwargs = step_kwargs or {}
     ctx.step_kwargs = step_kwargs   # for controls that step a scheduler copy (Pix2PixZero's reference pass)
     owner = _views_owner(controls)
+    _check_budget(ctx, latents, owner)
     count = len(timesteps)
     done = 0
     watch = StepWatch(timesteps, ctx.dtype)
