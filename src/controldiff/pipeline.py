@@ -121,6 +121,20 @@ class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMi
         h, w = (s, s) if isinstance(s, int) else s
         return h * self.latent_factor, w * self.latent_factor
 
+    def compile(self, mode=None, dynamic=None, channels_last=None, fullgraph=False, backend="inductor") -> "Pipeline":
+        """torch.compile the UNet's and VAE's layers, keeping every control composable
+        (:mod:`controldiff.compile`); :meth:`uncompile` goes back to eager."""
+        from .compile import compile_pipeline
+
+        compile_pipeline(self, mode, dynamic, channels_last, fullgraph, backend)
+        return self
+
+    def uncompile(self) -> "Pipeline":
+        from .compile import uncompile_pipeline
+
+        uncompile_pipeline(self)
+        return self
+
     def make_scheduler(self, name: Optional[str] = None):
         """A fresh scheduler: the model folder's own, or one by name built from its config."""
         if name is None:
