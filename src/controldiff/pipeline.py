@@ -18,6 +18,7 @@ from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
 from .inversion import Inversion, InversionMixin
+from .loading.custom_diffusion import CustomDiffusionMixin
 from .loading.lora import LoraMixin
 from .loading.single_file import SingleFileMixin
 from .loading.textual_inversion import TextualInversionMixin
@@ -66,7 +67,7 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline(LoraMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin, DiffEditMixin):
+class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin, DiffEditMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
