@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
     t.add_argument("--prompt", type=_text, metavar="TEXT", help="caption of the images without a .txt file")
     t.add_argument("--resolution", type=_positive_int, default=512, metavar="N", help="training size (default 512)")
     t.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="optimisation steps (default 1000)")
-    t.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", dest="batch_size")
+    t.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", dest="batch_size",
+                   help="images per step and process (under torchrun/accelerate launch the global batch is "
+                        "N times the processes, as diffusers' scripts; default 1)")
     t.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="N",
                    dest="gradient_accumulation", help="batches per optimisation step (default 1)")
     t.add_argument("--lr", type=_finite_float, metavar="X",
@@ -107,6 +109,6 @@ def cmd_train(args) -> int:
         raise
     for f in result.files:
         print(f)
-    if result.losses:
+    if result.losses and result.rank == 0:  # several processes: rank 0 reports
         print(f"steps {result.step}, last loss {result.losses[-1]:.4f}", file=sys.stderr)
     return 0

@@ -7,6 +7,8 @@ scripts: the method's init, then per epoch the data order, per example its crop/
 an epoch the next batch is drawn before the step's own draws, as accelerate's data loader
 draws one batch ahead), per step the VAE sample, the noise (and offset) and the timesteps.
 With prior preservation (``training/prior.py``) each example is an instance and a class image.
+On several processes (``training/distributed.py``) every rank makes these draws for the global
+batch (``batch_size`` per process times the processes) and trains on its own rows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..noise import check_seed
 from . import checkpoint as ckpt
 from .batches import Batches
 from .data import read_folder
+from .distributed import Processes
 from .latents import LatentCache, scale
 from .objective import Objective
 from .prior import Pairs, PriorObjective, check_prior, class_examples, class_images
@@ -114,6 +117,7 @@ class TrainResult:
     step: int = 0
     checkpoint: Optional[Path] = None            # the last checkpoint written
     interrupted: bool = False
+    rank: int = 0                                # of the process (several: only rank 0 saves files)
 
 
 @contextmanager
@@ -190,11 +194,15 @@ class _Data:
 def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float32) -> TrainResult:
     """Train ``method`` (e.g. :class:`~controldiff.training.lora.LoRA`) on the diffusers
     folder ``model`` with ``config``; save its weights in ``config.output`` and return the
-    losses and files. Ctrl-C (KeyboardInterrupt) writes a checkpoint, then re-raises."""
+    losses and files. Ctrl-C (KeyboardInterrupt) writes a checkpoint, then re-raises.
+    Started by ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1), the processes train
+    as one process with their global batch would; only rank 0 writes files."""
     from ..loading.folder import load_components, read_configs
     from ..schedulers import create
 
     config.check()
+    procs = Processes.from_env(device)
+    device = procs.device
     read = getattr(method, "read_data", None)  # a method with data of its own (textual inversion's templates)
     examples = read(model, config) if read else read_folder(config.data, config.resolution, config.prompt)
     kinds = getattr(method, "formats", ("kohya", "diffusers"))  # the files the method writes
@@ -210,13 +218,16 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     if pairs is not None:  # before the seed: generation draws from its own generators
-        class_images(model, config.class_data, config.class_prompt, config.num_class_images, config.resolution,
-                     config.seed, device=device, dtype=dtype, progress=config.progress)
+        with procs.main_first():  # rank 0 makes missing class images, the others find them
+            class_images(model, config.class_data, config.class_prompt, config.num_class_images,
+                         config.resolution, config.seed, device=device, dtype=dtype,
+                         progress=config.progress and procs.main)
         examples += class_examples(config.class_data, config.class_prompt, config.num_class_images,
                                    config.resolution)
 
-    if config.seed is not None:
-        ckpt.set_seed(config.seed)
+    seed = procs.shared_seed(config.seed)
+    if seed is not None:
+        ckpt.set_seed(seed)
     c = load_components(model, device=device, dtype=dtype)
     if hasattr(method, "bind"):  # a method that saves whole models (DreamBooth) sees every component
         method.bind(c)
@@ -237,7 +248,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         if pairs is None else PriorObjective(create("ddpm", c.scheduler_config), config.snr_gamma,
                                              config.noise_offset, config.prior_loss_weight)
     objective.target(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))  # prediction type check
-    batches = Batches(count, config.batch_size)
+    batch_size = config.batch_size * procs.world  # the global batch
+    batches = Batches(count, batch_size)
     step = 0
     if resumed is not None:
         method.load_state_dict(resumed.trainable, str(config.resume))
@@ -245,7 +257,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         schedule.load_state_dict(resumed.lr_scheduler)
         ckpt.set_rng_state(resumed.rng)
         d = resumed.info["data"]
-        batches = Batches(count, config.batch_size, d["epoch"], d["order"], d["position"])
+        batches = Batches(count, batch_size, d["epoch"], d["order"], d["position"])
         step = resumed.step
     data = _Data(examples, config, c.vae, sdxl, method)
 
@@ -263,7 +275,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         ahead, pending = (torch.get_rng_state(), batches.state()), fetch()
         torch.set_rng_state(after)
     info = {"model": signature, "model_path": str(Path(model).resolve()), "method": method.describe(),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            "processes": procs.world}
     frozen_text = not method.train_text_encoder
     text_cache: dict = {}
 
@@ -287,24 +300,42 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
 
     from tqdm.auto import tqdm
 
-    result = TrainResult(step=step)
+    result = TrainResult(step=step, rank=procs.rank)
     start, boundary = step, snapshot()
-    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not config.progress)
+    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not (config.progress and procs.main))
     try:
         while step < config.steps:
             total = 0.0
-            for _ in range(config.gradient_accumulation):
+            for micro in range(config.gradient_accumulation):
                 drawn = pending if pending is not None else fetch()
                 pending = ahead = None
                 if batches.position < len(batches.order):  # more of this epoch: the next batch is drawn now
                     ahead = (torch.get_rng_state(), batches.state())
                     pending = fetch()
                 latents, captions, time_ids = data.encode(drawn)
-                embeds, pooled = conditioning(captions)
-                added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
-                loss = objective(c.unet, latents, embeds, added)
-                (loss / config.gradient_accumulation).backward()
-                total += loss.item() / config.gradient_accumulation
+                noise, timesteps = objective.sample(latents)
+                rows = procs.rows(len(latents), config.batch_size, 2 if pairs else 1)
+                share = 1.0  # of the global batch's mean loss
+                if rows is not None:  # this rank's part of the global batch (none of a short last one)
+                    share = len(rows) / len(latents)
+                    if not rows:
+                        continue
+                    latents, noise, timesteps = latents[rows], noise[rows], timesteps[rows]
+                    captions = [captions[i] for i in rows]
+                    time_ids = time_ids[rows] if time_ids is not None else None
+                with procs.local_rng(seed, step * config.gradient_accumulation + micro):
+                    embeds, pooled = conditioning(captions)
+                    added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
+                    loss = objective(c.unet, latents, embeds, added, noise=noise, timesteps=timesteps)
+                    (loss * share / config.gradient_accumulation).backward()
+                total += loss.item() * share / config.gradient_accumulation
+            if procs.world > 1:  # the sums of the ranks' shares: the global batch's gradient and loss
+                for p in params:
+                    if p.grad is None:  # a rank without rows this step
+                        p.grad = torch.zeros_like(p)
+                summed = torch.tensor([total], dtype=torch.float64, device=device)
+                procs.sum_([p.grad for p in params] + [summed])
+                total = summed.item()
             with _uninterrupted():
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -317,19 +348,19 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                 boundary = snapshot()
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and procs.main:
                 result.checkpoint = ckpt.write(output, boundary)
     except KeyboardInterrupt:
         bar.close()
         saved = start if result.checkpoint is None else int(result.checkpoint.name.split("-")[-1])
-        if boundary.step > saved:  # something trained since the last checkpoint
+        if boundary.step > saved and procs.main:  # something trained since the last checkpoint
             result.checkpoint = ckpt.write(output, boundary)
         result.interrupted = True
         raise
     finally:
         bar.close()
     formats = kinds if config.format == "both" else (config.format,)
-    result.files = method.save(output, formats, ckpt.atomic_file)
+    result.files = method.save(output, formats, ckpt.atomic_file) if procs.main else []
     return result
 
 
