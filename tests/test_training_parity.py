@@ -5,13 +5,9 @@ LoRA tensors in ``pytorch_lora_weights.safetensors`` (max abs <= 1e-5). The seed
 whole run in both: LoRA init, data order, random crop, VAE sample, noise, timesteps."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,29 +19,10 @@ TOL = 1e-5
 @pytest.fixture
 def script(monkeypatch):
     """The vendored reference script, imported with the torchvision shim; its mse_loss records."""
-    import accelerate, diffusers, peft, transformers  # noqa: F401  (before the shim: they probe torchvision)
-    from reference import torchvision_shim
+    import peft  # noqa: F401  (before the shim: it probes torchvision)
+    from reference import scripts
 
-    saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")}
-    torchvision_shim.install()
-    try:
-        module = importlib.import_module("reference.train_dreambooth_lora")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    losses = []
-
-    def mse_loss(*args, **kwargs):
-        out = torch.nn.functional.mse_loss(*args, **kwargs)
-        losses.append(out.item())
-        return out
-
-    monkeypatch.setattr(module, "F", types.SimpleNamespace(mse_loss=mse_loss))
-    module.recorded = losses
-    return module
+    return scripts.load("train_dreambooth_lora", monkeypatch)
 
 
 def photo(path, w, h, seed):
