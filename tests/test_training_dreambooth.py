@@ -13,7 +13,7 @@ import pipes
 from controldiff import cli
 from controldiff.png import parse_parameters, read_parameters
 from controldiff.training import DreamBooth, LoRA, TrainConfig, train
-from controldiff.training.dreambooth import atomic_folder
+from controldiff.training.checkpoint import atomic_folder
 from controldiff.training.prior import class_images
 from test_training import eval_loss, photos, same_files
 

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -79,14 +79,34 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill(temporary folder)``, then rename it to ``final`` (an older ``final`` is swapped
+    out and removed only then): a failure leaves the previous folder as it was."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+
 def write(output: Path, ckpt: Checkpoint) -> Path:
     """Write ``output/checkpoint-STEP`` atomically; return it. On failure nothing named
     ``checkpoint-*`` is left half-written and the error names the folder."""
     final = output / f"{PREFIX}{ckpt.step}"
-    tmp = output / f".{PREFIX}{ckpt.step}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def fill(tmp: Path) -> None:
         save_file(ckpt.trainable, str(tmp / TRAINABLE))
         rng = {k: v for k, v in ckpt.rng.items() if k in ("torch", "cuda")}
         torch.save({"optimizer": ckpt.optimizer, "lr_scheduler": ckpt.lr_scheduler, "rng": rng}, tmp / OPTIMIZER)
@@ -94,20 +114,12 @@ def write(output: Path, ckpt: Checkpoint) -> Path:
         (tmp / STATE).write_text(json.dumps(info))
         for name in (TRAINABLE, OPTIMIZER, STATE):
             _fsync(tmp / name)
-        old = None
-        if final.exists():  # the same step written again (a rerun): swap, then drop the old one
-            old = final.with_name(final.name + f".old-{os.getpid()}")
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"checkpoint: could not write {final} ({e.strerror or e}); the previous "
-                                   "checkpoints are unchanged") from e
-        raise
-    return final
+
+    try:
+        return atomic_folder(final, fill)
+    except OSError as e:
+        raise OSError(e.errno, f"checkpoint: could not write {final} ({e.strerror or e}); the previous "
+                               "checkpoints are unchanged") from e
 
 
 def find(path: Path) -> Path:

@@ -10,10 +10,9 @@ encoder) parameter, gradients clipped together; the script's learning rate is 5e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -21,33 +20,13 @@ from torch import nn
 
 from ..loading.write_ldm import original_state
 from ..models.config import read_json
+from .checkpoint import atomic_folder
 
 __all__ = ["DreamBooth", "FOLDER", "LR"]
 
 FOLDER = "diffusers"  # the diffusers model under the output folder
 LR = 5e-6             # train_dreambooth.py's --learning_rate default
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
-    """``fill(temporary folder)``, then rename it to ``final`` (an older ``final`` is swapped
-    out and removed only then): a failure leaves the previous folder as it was."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 class DreamBooth:
