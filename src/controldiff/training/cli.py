@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     t.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="N",
                    dest="gradient_accumulation", help="batches per optimisation step (default 1)")
     t.add_argument("--lr", type=_finite_float, metavar="X",
-                   help="learning rate (default: the method's script's, 5e-6 for dreambooth; else 1e-4)")
+                   help="learning rate (default: the method's script's, 5e-6 for dreambooth, 1e-5 for custom-diffusion; else 1e-4)")
     t.add_argument("--lr-scheduler", default="constant", dest="lr_scheduler",
                    choices=("constant", "constant_with_warmup", "linear", "cosine"))
     t.add_argument("--lr-warmup-steps", type=int, default=0, metavar="N", dest="lr_warmup_steps")
@@ -54,11 +54,15 @@ def add_parser(sub) -> None:
                    help="also train the text encoder(s) (LoRA: adapters on them)")
     t.add_argument("--token", metavar="TOKEN", help="textual inversion: the new token, e.g. '<cat-toy>'")
     t.add_argument("--initializer-token", metavar="WORD", dest="initializer_token",
-                   help="textual inversion: a word of one token whose embedding starts the new one")
+                   help="textual inversion, custom diffusion ('+'-separated): a word of one token whose embedding starts the new one")
     t.add_argument("--num-vectors", type=_positive_int, default=1, metavar="N", dest="num_vectors",
                    help="textual inversion: vectors of the token (default 1)")
     t.add_argument("--learnable-property", choices=("object", "style"), default="object", dest="learnable_property",
                    help="textual inversion: the caption templates of images without captions (default object)")
+    t.add_argument("--modifier-token", metavar="TOKENS", dest="modifier_token",
+                   help="custom diffusion: new token(s) learnt as embeddings, '+'-separated, e.g. '<new1>'")
+    t.add_argument("--freeze-model", choices=("crossattn_kv", "crossattn"), default="crossattn_kv",
+                   dest="freeze_model", help="custom diffusion: train the cross-attention k/v (default) or all of it")
     t.add_argument("--class-data", type=Path, metavar="DIR", dest="class_data",
                    help="prior preservation: folder of class images (missing ones are generated into it)")
     t.add_argument("--class-prompt", type=_text, metavar="TEXT", dest="class_prompt",

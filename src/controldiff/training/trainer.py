@@ -247,6 +247,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset) \
         if pairs is None else PriorObjective(create("ddpm", c.scheduler_config), config.snr_gamma,
                                              config.noise_offset, config.prior_loss_weight)
+    if hasattr(method, "objective"):  # a method with a loss of its own (Custom Diffusion's mask)
+        objective = method.objective(objective)
     objective.target(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))  # prediction type check
     batch_size = config.batch_size * procs.world  # the global batch
     batches = Batches(count, batch_size)

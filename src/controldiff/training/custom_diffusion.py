@@ -1,0 +1,244 @@
+"""Custom Diffusion (Kumari et al. 2023): only the cross-attention key/value projections
+trainable (``freeze_model="crossattn_kv"``; ``"crossattn"`` adds the query and output
+projections), plus optional modifier tokens (``"<new1>+<new2>"``) learnt as textual
+inversion embeddings. Saved in diffusers' format (``pytorch_custom_diffusion_weights.safetensors``
+and ``<new1>.safetensors``), which ``pipe.load_custom_diffusion`` and diffusers load.
+
+As diffusers' ``examples/custom_diffusion/train_custom_diffusion.py`` with ``--noaug``: the
+whole image resized to the square (bilinear), a flip draw per image, the loss masked to the
+latent grid without its one-latent border; the key/value of the first (BOS) text token pass
+no gradient. Not done: the script's random-scale augmentation (its default) and prior
+preservation with this method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..loading.custom_diffusion import WEIGHT_NAMES
+from .data import read_folder
+from .objective import Objective
+from .textual_inversion import _TokenEmbedding, _embeddings_owner
+from .transforms import INTERPOLATIONS
+
+__all__ = ["CustomDiffusion", "FREEZE_MODELS", "LR"]
+
+FREEZE_MODELS = ("crossattn_kv", "crossattn")
+LR = 1e-5  # the script's --learning_rate default
+#: diffusers registers the UNet's up blocks before its mid block: the script's processor order
+_UNET_ORDER = {"down": 0, "up": 1, "mid": 2}
+_PARAMS = {"to_k.weight": "to_k_custom_diffusion.weight", "to_v.weight": "to_v_custom_diffusion.weight",
+           "to_q.weight": "to_q_custom_diffusion.weight", "to_out.0.weight": "to_out_custom_diffusion.0.weight",
+           "to_out.0.bias": "to_out_custom_diffusion.0.bias"}
+
+
+def _split(value: Optional[str], name: str) -> list[str]:
+    if value is None:
+        return []
+    parts = value.split("+") if isinstance(value, str) else None
+    if not parts or any(not p or p != p.strip() or len(p.split()) != 1 for p in parts):
+        raise ValueError(f"{name}: expected '+'-separated words without spaces (e.g. '<new1>+<new2>'), got {value!r}")
+    return parts
+
+
+@dataclass(frozen=True)
+class ScriptTransform:
+    """The script's instance transform without augmentation: a flip draw (always, as
+    ``RandomHorizontalFlip(0.5 * hflip)``), the resize to R x R, ``[-1, 1]``."""
+
+    resolution: int
+    flip: bool = False
+    interpolation: str = "bilinear"
+    random = True
+
+    def resized(self, w: int, h: int) -> tuple[int, int]:
+        return self.resolution, self.resolution
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        if torch.rand(1) < 0.5 * self.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.resize((self.resolution, self.resolution), resample=INTERPOLATIONS[self.interpolation])
+        x = (np.array(img).astype(np.uint8) / 127.5 - 1.0).astype(np.float32)
+        return torch.from_numpy(x).permute(2, 0, 1), (0, 0)
+
+
+class MaskedObjective(Objective):
+    """The script's loss: per image the squared error summed over the latent grid without its
+    border (one mask channel), divided by the mask's size; the batch mean."""
+
+    def loss(self, pred, target, timesteps):
+        if self.snr_gamma is not None:
+            raise ValueError("snr_gamma: not supported with custom-diffusion (its script has no min-SNR weighting)")
+        mask = torch.zeros(pred.shape[0], 1, *pred.shape[2:], device=pred.device)
+        mask[:, :, 1:-1, 1:-1] = 1.0
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        return ((loss * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
+
+
+def _detach_first_token(module, inputs, output):
+    """The script's ``detach`` of the first text token's key/value (forward unchanged)."""
+    return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+
+class CustomDiffusion:
+    """The Custom Diffusion method: what is trainable and what is saved."""
+
+    name = "custom-diffusion"
+    formats = ("diffusers",)
+    lr = LR
+
+    def __init__(self, modifier_token: Optional[str] = None, initializer_token: Optional[str] = "ktn+pll+ucd",
+                 freeze_model: str = "crossattn_kv"):
+        self.tokens = _split(modifier_token, "modifier_token")
+        inits = _split(initializer_token, "initializer_token") if self.tokens else []
+        if len(inits) < len(self.tokens):
+            raise ValueError(f"initializer_token: expected one '+'-separated word per modifier token "
+                             f"({len(self.tokens)}), got {initializer_token!r}")
+        if freeze_model not in FREEZE_MODELS:
+            raise ValueError(f"freeze_model: expected one of {FREEZE_MODELS}, got {freeze_model!r}")
+        self.initializers = inits[:len(self.tokens)]
+        self.freeze_model = freeze_model
+        self.train_text_encoder = bool(self.tokens)  # gradients flow through the text encoder
+        self.params: dict[str, nn.Parameter] = {}    # "unet.SITE.to_k.weight" -> the parameter
+        self.embedding: Optional[_TokenEmbedding] = None
+        self.hooks: list = []
+
+    @classmethod
+    def from_args(cls, args) -> "CustomDiffusion":
+        """From ``controldiff train custom-diffusion`` arguments."""
+        return cls(args.modifier_token, args.initializer_token or "ktn+pll+ucd", args.freeze_model)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "modifier_token": self.tokens, "initializer_token": self.initializers,
+                "freeze_model": self.freeze_model}
+
+    # ------------------------------------------------------------------ data
+    def read_data(self, model, config):
+        """The examples, after checking the settings and tokens (before any weight is read)."""
+        from ..loading.folder import load_tokenizer, read_configs
+
+        if config.class_data is not None:
+            raise ValueError("class_data: prior preservation is not implemented for custom-diffusion yet")
+        if config.snr_gamma is not None:
+            raise ValueError("snr_gamma: not supported with custom-diffusion (its script has no min-SNR weighting)")
+        if "text_encoder_2" in read_configs(model).slots:
+            raise ValueError("model: custom-diffusion trains SD1/SD2 models (as diffusers' script); this is SDXL")
+        self._check_tokens(load_tokenizer(Path(model) / "tokenizer"))
+        self.resolution = config.resolution
+        return read_folder(config.data, config.resolution, config.prompt)
+
+    def transform(self, config, sdxl: bool) -> ScriptTransform:
+        return ScriptTransform(config.resolution, config.flip, "bilinear")
+
+    def objective(self, objective: Objective) -> MaskedObjective:
+        return MaskedObjective(objective.scheduler, objective.snr_gamma, objective.noise_offset)
+
+    # ------------------------------------------------------------------ what is trainable
+    def _check_tokens(self, tokenizer) -> list[int]:
+        """The initializers' ids (the script's checks); the tokens are added by :meth:`bind`."""
+        ids = []
+        for token, init in zip(self.tokens, self.initializers):
+            if token in tokenizer.get_vocab():
+                raise ValueError(f"modifier_token: {token!r} is already in the tokenizer's vocabulary; pass a new one")
+            found = tokenizer.encode(init, add_special_tokens=False)
+            if len(found) != 1:
+                raise ValueError(f"initializer_token: {init!r} is {len(found)} tokens "
+                                 f"({tokenizer.convert_ids_to_tokens(found)}); pass a word that is one token")
+            ids.append(found[0])
+        return ids
+
+    def bind(self, components) -> None:
+        self.components = components
+        if self.tokens:
+            tokenizer = components.tokenizers[0]
+            self._init_ids = self._check_tokens(tokenizer)
+            for t in self.tokens:
+                tokenizer.add_tokens(t)
+            self._token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+            self._vocab = len(tokenizer)
+
+    def attach(self, roots: dict[str, nn.Module]) -> list[nn.Parameter]:
+        """In the script's order of random draws: the resized token embedding, the
+        processors' Linear inits (then loaded from the base weights), the VAE probe."""
+        params = []
+        if self.tokens:
+            encoder = roots["text_encoder"]
+            encoder.resize_token_embeddings(self._vocab)
+            weight = encoder.get_input_embeddings().weight.data
+            if self._token_ids != list(range(self._vocab - len(self.tokens), self._vocab)):
+                raise ValueError(f"modifier_token: {self.tokens} were not added as the last tokens")
+            with torch.no_grad():
+                for row, init in zip(self._token_ids, self._init_ids):
+                    weight[row] = weight[init]
+            self.embedding = _TokenEmbedding(weight, len(self.tokens))
+            _embeddings_owner(encoder).token_embedding = self.embedding
+            params.append(self.embedding.new)
+        unet = roots["unet"]
+        sites = sorted(unet.attention_sites().items(), key=lambda kv: _UNET_ORDER[kv[1].site.block])
+        names = ["to_k.weight", "to_v.weight"] + (["to_q.weight", "to_out.0.weight", "to_out.0.bias"]
+                                                  if self.freeze_model == "crossattn" else [])
+        for name, attn in sites:
+            if attn.site.kind != "cross":
+                continue
+            self._consume_inits(attn)
+            for n in names:
+                p = attn.get_parameter(n)
+                p.requires_grad_(True)
+                self.params[f"{name}.{n}"] = p
+                params.append(p)
+            self.hooks += [attn.to_k.register_forward_hook(_detach_first_token),
+                           attn.to_v.register_forward_hook(_detach_first_token)]
+        vae = self.components.vae
+        f, r = vae.latent_factor, self.resolution
+        torch.randn(1, 3, r, r)  # the script probes the latent size: vae.encode(randn).latent_dist.sample()
+        torch.randn(1, vae.config.latent_channels, r // f, r // f)
+        return params
+
+    def _consume_inits(self, attn) -> None:
+        """Draw what the script's ``CustomDiffusionAttnProcessor(...)`` Linear inits draw."""
+        q = self.freeze_model == "crossattn"
+        for lin, bias in [(attn.to_k, False), (attn.to_v, False)] + ([(attn.to_q, False), (attn.to_out[0], True)]
+                                                                       if q else []):
+            nn.Linear(lin.in_features, lin.out_features, bias=bias)
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"unet.{k}": p.detach().clone() for k, p in self.params.items()}
+        if self.embedding is not None:
+            out["text_encoder"] = self.embedding.new.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        mine = self.state_dict()
+        if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in mine):
+            raise ValueError(f"resume: {source} holds other tensors than this run trains; "
+                             "was it trained on another model or with other settings?")
+        for k, p in self.params.items():
+            p.copy_(state[f"unet.{k}"])
+        if self.embedding is not None:
+            self.embedding.new.copy_(state["text_encoder"])
+
+    # ------------------------------------------------------------------ what is saved
+    def diffusers_state(self) -> dict[str, torch.Tensor]:
+        """``pytorch_custom_diffusion_weights`` as diffusers' ``save_attn_procs`` (safetensors) writes it."""
+        out = {}
+        for key, p in self.params.items():
+            site, _, param = key.partition(".to_")
+            out[f"{site}.processor.{_PARAMS['to_' + param]}"] = p.detach().float().cpu().contiguous()
+        return out
+
+    def save(self, output: Path, formats: Sequence[str], write) -> list[Path]:
+        files = [write(output / WEIGHT_NAMES[0], self.diffusers_state(), {"format": "pt"})]
+        if self.embedding is not None:
+            rows = self.embedding.new.detach().float().cpu()
+            for token, row in zip(self.tokens, rows):
+                files.append(write(output / f"{token}.safetensors", {token: row.contiguous()}, {"format": "pt"}))
+        return files
