@@ -92,3 +92,61 @@ def test_steps_equal_diffusers_script(tiny_model, tmp_path, monkeypatch, setting
         key = next(k for k in ours if "to_k" in k)
         base = f.get_tensor(key.replace(".processor.to_k_custom_diffusion", ".to_k"))
     assert (ours[key] - base).abs().max() > 1e-4  # the steps trained something
+
+
+def test_output_loads_into_our_pipeline_and_diffusers(tiny_model, tmp_path):
+    from pipes import ours
+    from test_custom_diffusion import KW, reference
+
+    model = tiny_model("sd1")
+    data = photos(tmp_path / "data", [(40, 32), (32, 32)])
+    out = tmp_path / "out"
+    result = train(model, CustomDiffusion("<new1>", "a", "crossattn"),
+                   TrainConfig(data, out, prompt=PROMPT, seed=0, steps=2, lr=1e-2, resolution=32, progress=False))
+    assert sorted(p.name for p in result.files) == ["<new1>.safetensors", WEIGHTS]
+    mine = ours(model)
+    assert mine.load_custom_diffusion(out) == ["<new1>"]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    expected = reference(model, out, WEIGHTS)(PROMPT, generator=g(), **KW).images
+    got = mine(PROMPT, generator=g(), **KW).images
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_resume_is_exact(tiny_model, tmp_path):
+    model = tiny_model("sd1")
+    data = photos(tmp_path / "data", [(40, 32), (32, 32)])
+    kw = dict(prompt=PROMPT, seed=1, steps=3, lr=1e-2, resolution=32, progress=False, flip=True)
+    whole = train(model, CustomDiffusion("<new1>", "a"), TrainConfig(data, tmp_path / "a", checkpoint_every=2, **kw))
+    resumed = train(model, CustomDiffusion("<new1>", "a"),
+                    TrainConfig(data, tmp_path / "b", resume=tmp_path / "a" / "checkpoint-2", **kw))
+    assert resumed.losses == whole.losses[2:]
+    for name in (WEIGHTS, "<new1>.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_and_errors(tiny_model, tmp_path, capsys):
+    from controldiff import cli
+
+    model = tiny_model("sd1")
+    data = photos(tmp_path / "data", [(32, 32)])
+    assert cli.main(["train", "custom-diffusion", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+                     "--prompt", PROMPT, "--modifier-token", "<new1>", "--initializer-token", "a",
+                     "--resolution", "32", "--steps", "1", "--seed", "0", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_file()) == ["<new1>.safetensors", WEIGHTS]
+    with pytest.raises(ValueError, match="initializer_token: expected one"):
+        CustomDiffusion("<a>+<b>", "x")
+    with pytest.raises(ValueError, match="freeze_model"):
+        CustomDiffusion(freeze_model="all")
+    with pytest.raises(ValueError, match="modifier_token: expected"):
+        CustomDiffusion("<a> b")
+    cfg = dict(prompt=PROMPT, steps=1, resolution=32, progress=False)
+    with pytest.raises(ValueError, match="initializer_token: 'cat' is 3 tokens"):
+        train(model, CustomDiffusion("<new1>", "cat"), TrainConfig(data, tmp_path / "e", **cfg))
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        train(model, CustomDiffusion("a", "a"), TrainConfig(data, tmp_path / "e", **cfg))
+    with pytest.raises(ValueError, match="class_data: prior preservation"):
+        train(model, CustomDiffusion("<new1>", "a"),
+              TrainConfig(data, tmp_path / "e", class_data=tmp_path / "c", class_prompt="a dog", **cfg))
+    with pytest.raises(ValueError, match="SDXL"):
+        train(tiny_model("sdxl"), CustomDiffusion(), TrainConfig(data, tmp_path / "e", **cfg))

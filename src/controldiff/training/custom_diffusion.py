@@ -56,7 +56,6 @@ class ScriptTransform:
     resolution: int
     flip: bool = False
     interpolation: str = "bilinear"
-    random = True
 
     def resized(self, w: int, h: int) -> tuple[int, int]:
         return self.resolution, self.resolution
@@ -135,6 +134,7 @@ class CustomDiffusion:
         return read_folder(config.data, config.resolution, config.prompt)
 
     def transform(self, config, sdxl: bool) -> ScriptTransform:
+        """The script's: bilinear, the whole image (``center_crop``/``interpolation`` unused)."""
         return ScriptTransform(config.resolution, config.flip, "bilinear")
 
     def objective(self, objective: Objective) -> MaskedObjective:
