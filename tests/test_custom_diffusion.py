@@ -166,3 +166,34 @@ def test_errors(tiny_model, tmp_path):
     assert not marker.exists()
     with pytest.raises(ValueError, match="weight_name"):
         pipe.load_custom_diffusion(wrong, weight_name=SAFE)
+
+
+def test_a_refused_token_changes_nothing(tiny_model, tmp_path):
+    model = tiny_model("sd1")
+    folder = make_files(model, tmp_path / "cd")
+    pipe = ours(model)
+    pipe.load_textual_inversion(folder / "<new1>.safetensors")
+    before = pipe(PROMPT, generator=gen(), **KW).images
+    with pytest.raises(ValueError, match="<new1>"):
+        pipe.load_custom_diffusion(folder)
+    assert np.abs(pipe(PROMPT, generator=gen(), **KW).images - before).max() == 0
+
+
+def test_with_pag(tiny_model, tmp_path):
+    """An attention-processor control (PAG) on the model with Custom Diffusion weights."""
+    import diffusers
+    from controldiff.controls.pag import PAG
+
+    model = tiny_model("sd1")
+    folder = make_files(model, tmp_path / "cd", train_q_out=True, seed=3)
+    ref = diffusers.StableDiffusionPAGPipeline.from_pretrained(model, enable_pag=True, safety_checker=None,
+                                                              requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    set_custom_diffusion(ref.unet, folder, SAFE)
+    ref.load_textual_inversion(str(folder / "<new1>.safetensors"))
+    ref.set_pag_applied_layers(["mid", "up_blocks.1"])
+    expected = ref(PROMPT, pag_scale=2.0, generator=gen(4), **KW).images
+    mine = ours(model)
+    mine.load_custom_diffusion(folder)
+    got = mine(PROMPT, controls=[PAG(2.0, ("mid", "up_blocks.1"))], generator=gen(4), **KW).images
+    assert np.abs(got - expected).max() <= TOL

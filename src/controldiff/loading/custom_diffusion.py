@@ -100,13 +100,13 @@ class CustomDiffusionMixin:
                     raise ValueError(f"{file}: {site}.processor {name} has shape {tuple(value.shape)}, the UNet's "
                                      f"{module_path}.{what} {have}; the file is for another model")
                 planned.append((f"{site}.{name}", target, value))
+        tokens = [t for f in token_files for t in self.load_textual_inversion(str(f))]  # may refuse: first
+        self.__dict__.setdefault("_custom_diffusion_tokens", []).extend(tokens)
         originals = self.__dict__.setdefault("_custom_diffusion_originals", {})
         for key, target, value in planned:
             if key not in originals:
                 originals[key] = (target, target.detach().clone())
             target.copy_(value.to(target.device, target.dtype))
-        tokens = [t for f in token_files for t in self.load_textual_inversion(str(f))]
-        self.__dict__.setdefault("_custom_diffusion_tokens", []).extend(tokens)
         return tokens
 
     @torch.no_grad()
