@@ -4,7 +4,6 @@ saved LoRA changes generation), the saved files load alike in our Pipeline and i
 checkpoints, cached latents, min-SNR weights as diffusers', the CLI, and the errors."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest

@@ -54,7 +54,7 @@ def test_two_processes_train_as_one_process_with_their_global_batch(tiny_model, 
     diff = same_files(tmp_path / "one" / WEIGHTS, out / WEIGHTS)
     assert diff <= 1e-5
     # the comparison can fail: one process with a batch of 1 (no summed gradients) trains otherwise
-    alone = train(model, LoRA(train_text_encoder=True), config(data, tmp_path / "alone", batch_size=1, **KW))
+    train(model, LoRA(train_text_encoder=True), config(data, tmp_path / "alone", batch_size=1, **KW))
     assert same_files(tmp_path / "alone" / WEIGHTS, out / WEIGHTS) > 100 * max(diff, 1e-6)
     # only rank 0 wrote files and reported (the global batch's loss)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -3,7 +3,6 @@ training library (``controldiff.cli`` adds it as a subcommand). Methods not impl
 are listed and refused with exit status 2."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
