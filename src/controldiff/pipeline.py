@@ -17,6 +17,8 @@ from . import schedulers
 from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
+from .controls.pix2pix_zero import Pix2PixZero
+from .controls.prompt_schedule import PromptSchedule, is_plain, schedule_texts
 from .inversion import Inversion, InversionMixin
 from .loading.custom_diffusion import CustomDiffusionMixin
 from .loading.lora import LoraMixin
@@ -32,8 +34,6 @@ from .precision import LATENT_DTYPE, resolve_dtype
 from .sampling.control import Context, Control
 from .sampling.finite import check_finite
 from .sampling.loop import sample
-from .controls.pix2pix_zero import Pix2PixZero
-from .controls.prompt_schedule import PromptSchedule, is_plain, schedule_texts
 from .text.encode import PromptEncoder, TextCond, as_list as _as_list, spread
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -67,7 +67,8 @@ class Output:
     settings: dict = field(default_factory=dict)
 
 
-class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin, InversionMixin, DiffEditMixin):
+class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFileMixin, ModelEditingMixin,
+               InversionMixin, DiffEditMixin):
     """A loaded model and everything needed to sample from it."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, info, model_index: Optional[dict] = None,
