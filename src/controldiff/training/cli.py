@@ -70,6 +70,16 @@ def add_parser(sub) -> None:
                    help="prior preservation: class images used (and generated up to; default 100)")
     t.add_argument("--prior-loss-weight", type=_finite_float, default=1.0, metavar="W", dest="prior_loss_weight",
                    help="prior preservation: weight of the class images' loss (default 1.0)")
+    t.add_argument("--validation-prompt", type=_text, metavar="TEXT", dest="validation_prompt",
+                   help="images of TEXT from the model being trained every --validation-every steps and at the "
+                        "end, to OUTPUT/validation/step-STEP-K.png (seed + K)")
+    t.add_argument("--validation-every", type=_positive_int, metavar="N", dest="validation_every")
+    t.add_argument("--validation-images", type=_positive_int, default=4, metavar="K", dest="validation_images",
+                   help="validation images each time (default 4)")
+    t.add_argument("--ema", action="store_true",
+                   help="save an exponential moving average of the trained weights (diffusers' EMAModel rule)")
+    t.add_argument("--ema-decay", type=_finite_float, default=0.9999, metavar="X", dest="ema_decay",
+                   help="the EMA's largest decay (default 0.9999)")
     t.add_argument("--format", choices=FORMATS, default="both", help="saved files: lora kohya|diffusers, dreambooth diffusers (OUTPUT/diffusers)|single-file "
                         "(OUTPUT/NAME.safetensors); default both")
     t.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -95,7 +105,8 @@ def cmd_train(args) -> int:
     names = ("data", "output", "prompt", "resolution", "steps", "batch_size", "gradient_accumulation", "lr",
              "lr_scheduler", "lr_warmup_steps", "seed", "snr_gamma", "noise_offset", "center_crop", "flip",
              "cache_latents", "checkpoint_every", "resume", "format", "progress", "class_data", "class_prompt",
-             "num_class_images", "prior_loss_weight")
+             "num_class_images", "prior_loss_weight", "validation_prompt", "validation_every", "validation_images",
+             "ema", "ema_decay")
     config = TrainConfig(**{n: getattr(args, n) for n in names})
     if config.lr is None:
         config.lr = getattr(cls, "lr", 1e-4)  # the method's reference script's default

@@ -17,7 +17,6 @@ in the folder are reused: an interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -59,7 +58,8 @@ def class_images(model, folder, prompt: str, count: int, resolution: int, seed: 
     from tqdm.auto import tqdm
 
     from .. import Pipeline
-    from ..png import format_parameters, write_png
+    from ..png import format_parameters
+    from .validation import write_image
 
     folder = Path(folder)
     have = len(_images_in(folder))
@@ -79,18 +79,7 @@ def class_images(model, folder, prompt: str, count: int, resolution: int, seed: 
             for k, (image, s_k) in enumerate(zip(out.images, seeds), start):
                 text = format_parameters(prompt, None, s["steps"], s["scheduler"], s["guidance_scale"], s_k,
                                          image.width, image.height, Path(model).name)
-                final = folder / f"class-{k:05d}-{s_k}.png"
-                tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-                try:
-                    with open(tmp, "wb") as f:
-                        write_png(image, f, text)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, final)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                written.append(final)
+                written.append(write_image(folder / f"class-{k:05d}-{s_k}.png", image, text))
                 bar.update(1)
     return written
 

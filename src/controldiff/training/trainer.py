@@ -29,10 +29,12 @@ from .data import read_folder
 from .distributed import Processes
 from .latents import LatentCache, scale
 from .objective import Objective
+from .ema import EMA, PREFIX as EMA_PREFIX, check_decay
 from .prior import Pairs, PriorObjective, check_prior, class_examples, class_images
 from .schedule import SCHEDULES, lr_schedule
 from .text import encode
 from .transforms import ImageTransform, load_rgb
+from .validation import check_validation, validation_images
 
 __all__ = ["TrainConfig", "TrainResult", "train", "FORMATS"]
 
@@ -73,6 +75,11 @@ class TrainConfig:
     class_prompt: Optional[str] = None    # made here where fewer than num_class_images
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    validation_prompt: Optional[str] = None  # images from the model being trained (training/validation.py)
+    validation_every: Optional[int] = None   # steps, and at the end
+    validation_images: int = 4
+    ema: bool = False                     # save an exponential moving average (training/ema.py)
+    ema_decay: float = 0.9999
 
     def check(self) -> None:
         """Every argument, before any file is read."""
@@ -101,6 +108,8 @@ class TrainConfig:
         if self.seed is not None:
             check_seed(self.seed)
         check_prior(self.class_data, self.class_prompt, self.num_class_images, self.prior_loss_weight)
+        check_validation(self.validation_prompt, self.validation_every, self.validation_images)
+        check_decay(self.ema_decay)
         ImageTransform(self.resolution, interpolation=self.interpolation)
         if self.cache_latents and (self.flip or not self.center_crop):
             raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
@@ -253,8 +262,15 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     batch_size = config.batch_size * procs.world  # the global batch
     batches = Batches(count, batch_size)
     step = 0
+    ema = EMA(params, config.ema_decay) if config.ema else None
     if resumed is not None:
-        method.load_state_dict(resumed.trainable, str(config.resume))
+        averages = {k: v for k, v in resumed.trainable.items() if k.startswith(EMA_PREFIX)}
+        method.load_state_dict({k: v for k, v in resumed.trainable.items() if k not in averages}, str(config.resume))
+        if ema is not None:
+            ema.load_state_dict(averages, resumed.step, str(config.resume))
+        elif averages:
+            raise ValueError(f"resume: {config.resume} holds an EMA of the weights (trained with ema=True); "
+                             "pass ema=True (--ema) to continue it")
         optimizer.load_state_dict(resumed.optimizer)
         schedule.load_state_dict(resumed.lr_scheduler)
         ckpt.set_rng_state(resumed.rng)
@@ -297,8 +313,14 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
 
     def snapshot() -> ckpt.Checkpoint:
         state = batches.state() if ahead is None else dict(ahead[1], ahead=ahead[0].tolist())
-        return ckpt.Checkpoint(step, method.state_dict(), optimizer.state_dict(), schedule.state_dict(),
+        trainable = method.state_dict() if ema is None else {**method.state_dict(), **ema.state_dict()}
+        return ckpt.Checkpoint(step, trainable, optimizer.state_dict(), schedule.state_dict(),
                                ckpt.rng_state(), dict(info, data=state))
+
+    def validate():
+        if config.validation_prompt is not None and procs.main:
+            validation_images(c, config.validation_prompt, config.validation_images, config.resolution,
+                              config.seed, step, output, Path(model).name)
 
     from tqdm.auto import tqdm
 
@@ -344,6 +366,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
+                if ema is not None:
+                    ema.update()
                 step += 1
                 result.losses.append(total)
                 result.step = step
@@ -352,6 +376,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
             if config.checkpoint_every and step % config.checkpoint_every == 0 and procs.main:
                 result.checkpoint = ckpt.write(output, boundary)
+            if config.validation_every and step % config.validation_every == 0 and step < config.steps:
+                validate()
     except KeyboardInterrupt:
         bar.close()
         saved = start if result.checkpoint is None else int(result.checkpoint.name.split("-")[-1])
@@ -361,8 +387,11 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         raise
     finally:
         bar.close()
+    if ema is not None:  # what is saved (and shown at the end) is the average
+        ema.copy_to()
     formats = kinds if config.format == "both" else (config.format,)
     result.files = method.save(output, formats, ckpt.atomic_file) if procs.main else []
+    validate()
     return result
 
 
