@@ -197,6 +197,20 @@ class UNet2DConditionModel(Model):
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=cfg.conv_out_kernel, padding=pad_out)
         self._sites = find_sites(self)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Training memory: the down, mid and up blocks recompute their resnets and transformers
+        in the backward pass instead of keeping their activations (in training mode, with grad)."""
+        return any(b.gradient_checkpointing for b in self._blocks())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        for b in self._blocks():
+            b.gradient_checkpointing = bool(on)
+
+    def _blocks(self) -> list:
+        return [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else []), *self.up_blocks]
+
     # ---- attention sites ----
 
     def attention_sites(self) -> dict[str, Attention]:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils import checkpoint
 
 from .blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer import Transformer2DModel
@@ -25,7 +26,20 @@ def _layers(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
-class DownBlock2D(nn.Module):
+class _Block(nn.Module):
+    """A block whose layers are recomputed in the backward pass, not kept, while training with
+    ``gradient_checkpointing`` (set by ``UNet2DConditionModel.gradient_checkpointing``): less
+    memory for one more forward. Inference and eval mode run the layers as they are."""
+
+    gradient_checkpointing = False
+
+    def _call(self, layer: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+class DownBlock2D(_Block):
     has_cross_attention = False
 
     def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample,
@@ -40,7 +54,7 @@ class DownBlock2D(nn.Module):
     def forward(self, x, temb, context=None, extra: Optional[torch.Tensor] = None, stop: Optional[int] = None):
         skips = []
         for resnet in islice(self.resnets, stop):
-            x = resnet(x, temb)
+            x = self._call(resnet, x, temb)
             skips.append(x)
         if stop is not None:
             return x, skips
@@ -53,7 +67,7 @@ class DownBlock2D(nn.Module):
         return x, skips
 
 
-class CrossAttnDownBlock2D(nn.Module):
+class CrossAttnDownBlock2D(_Block):
     has_cross_attention = True
 
     def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample,
@@ -75,7 +89,7 @@ class CrossAttnDownBlock2D(nn.Module):
         skips = []
         last = len(self.resnets) - 1
         for i, (resnet, attn) in enumerate(zip(islice(self.resnets, stop), self.attentions)):
-            x = attn(resnet(x, temb), context)
+            x = self._call(attn, self._call(resnet, x, temb), context)
             if i == last and extra is not None:
                 x = x + extra
             skips.append(x)
@@ -87,7 +101,7 @@ class CrossAttnDownBlock2D(nn.Module):
         return x, skips
 
 
-class UNetMidBlock2DCrossAttn(nn.Module):
+class UNetMidBlock2DCrossAttn(_Block):
     """resnet, then (transformer, resnet) pairs; resnets scaled by ``mid_block_scale_factor``."""
 
     def __init__(self, channels, temb_channels, groups, eps, heads, cross_attention_dim, transformer_layers=1,
@@ -106,13 +120,13 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = nn.ModuleList([resnet() for _ in range(num_layers + 1)])
 
     def forward(self, x, temb, context):
-        x = self.resnets[0](x, temb)
+        x = self._call(self.resnets[0], x, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x, context), temb)
+            x = self._call(resnet, self._call(attn, x, context), temb)
         return x
 
 
-class UpBlock2D(nn.Module):
+class UpBlock2D(_Block):
     has_cross_attention = False
 
     def __init__(self, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, groups, eps,
@@ -127,13 +141,13 @@ class UpBlock2D(nn.Module):
 
     def forward(self, x, skips: Sequence[torch.Tensor], temb, context=None, upsample_size=None, start=0, stop=None):
         for resnet, skip in zip(islice(self.resnets, start, stop), reversed(skips)):
-            x = resnet(torch.cat([x, skip], dim=1), temb)
+            x = self._call(resnet, torch.cat([x, skip], dim=1), temb)
         if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
 
-class CrossAttnUpBlock2D(nn.Module):
+class CrossAttnUpBlock2D(_Block):
     has_cross_attention = True
 
     def __init__(self, in_channels, prev_output_channel, out_channels, temb_channels, num_layers, groups, eps,
@@ -155,7 +169,7 @@ class CrossAttnUpBlock2D(nn.Module):
     def forward(self, x, skips: Sequence[torch.Tensor], temb, context, upsample_size=None, start=0, stop=None):
         layers = zip(islice(self.resnets, start, stop), islice(self.attentions, start, None), reversed(skips))
         for resnet, attn, skip in layers:
-            x = attn(resnet(torch.cat([x, skip], dim=1), temb), context)
+            x = self._call(attn, self._call(resnet, torch.cat([x, skip], dim=1), temb), context)
         if self.upsamplers is not None and stop is None:
             x = self.upsamplers[0](x, upsample_size)
         return x

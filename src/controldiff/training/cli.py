@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     t.add_argument("--lr-scheduler", default="constant", dest="lr_scheduler",
                    choices=("constant", "constant_with_warmup", "linear", "cosine"))
     t.add_argument("--lr-warmup-steps", type=int, default=0, metavar="N", dest="lr_warmup_steps")
+    t.add_argument("--text-encoder-lr", type=_finite_float, metavar="X", dest="text_encoder_lr",
+                   help="learning rate of the text encoders' parameters (default: --lr)")
+    t.add_argument("--adam-weight-decay-text-encoder", type=_finite_float, metavar="X",
+                   dest="adam_weight_decay_text_encoder", help="their AdamW weight decay (default: the UNet's, 1e-2)")
     t.add_argument("--rank", type=_positive_int, default=4, metavar="R", help="LoRA rank (default 4)")
     t.add_argument("--alpha", type=_finite_float, metavar="A", help="LoRA alpha (default: the rank)")
     t.add_argument("--seed", type=_seed, help="seed for a reproducible run")
@@ -47,6 +51,10 @@ def add_parser(sub) -> None:
     t.add_argument("--flip", action="store_true", help="random horizontal flips")
     t.add_argument("--cache-latents", action="store_true", dest="cache_latents",
                    help="encode each image once (needs --center-crop, no --flip)")
+    t.add_argument("--buckets", action="store_true", help="aspect-ratio buckets (kohya's): each image resized to "
+                   "cover the size of about RESOLUTION^2 pixels nearest its ratio, center-cropped; one size a batch")
+    t.add_argument("--bucket-step", type=_positive_int, default=64, metavar="N", dest="bucket_step",
+                   help="bucket sides are multiples of N (default 64)")
     t.add_argument("--checkpoint-every", type=_positive_int, metavar="N", dest="checkpoint_every")
     t.add_argument("--resume", type=Path, metavar="DIR", help="a checkpoint, or an output folder (its latest)")
     t.add_argument("--train-text-encoder", action="store_true", dest="train_text_encoder",
@@ -80,6 +88,11 @@ def add_parser(sub) -> None:
                    help="save an exponential moving average of the trained weights (diffusers' EMAModel rule)")
     t.add_argument("--ema-decay", type=_finite_float, default=0.9999, metavar="X", dest="ema_decay",
                    help="the EMA's largest decay (default 0.9999)")
+    t.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing",
+                   help="recompute the UNet's activations in the backward pass: less memory, slower steps")
+    t.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", dest="mixed_precision",
+                   help="frozen weights and forward passes in bf16 or fp16 (CUDA only); trained weights and "
+                        "optimizer state stay float32 (default no)")
     t.add_argument("--format", choices=FORMATS, default="both", help="saved files: lora kohya|diffusers, dreambooth diffusers (OUTPUT/diffusers)|single-file "
                         "(OUTPUT/NAME.safetensors); default both")
     t.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -106,7 +119,8 @@ def cmd_train(args) -> int:
              "lr_scheduler", "lr_warmup_steps", "seed", "snr_gamma", "noise_offset", "center_crop", "flip",
              "cache_latents", "checkpoint_every", "resume", "format", "progress", "class_data", "class_prompt",
              "num_class_images", "prior_loss_weight", "validation_prompt", "validation_every", "validation_images",
-             "ema", "ema_decay")
+             "ema", "ema_decay", "gradient_checkpointing", "mixed_precision")
+    names += ("text_encoder_lr", "adam_weight_decay_text_encoder", "buckets", "bucket_step")
     config = TrainConfig(**{n: getattr(args, n) for n in names})
     if config.lr is None:
         config.lr = getattr(cls, "lr", 1e-4)  # the method's reference script's default

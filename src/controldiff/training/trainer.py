@@ -25,15 +25,17 @@ from ..checks import positive_int
 from ..noise import check_seed
 from . import checkpoint as ckpt
 from .batches import Batches
+from .buckets import bucket_sizes, check_buckets, nearest_bucket
 from .data import read_folder
 from .distributed import Processes
 from .latents import LatentCache, scale
 from .objective import Objective
+from .precision import autocast, check_precision, hold_frozen, scaler
 from .ema import EMA, PREFIX as EMA_PREFIX, check_decay
 from .prior import Pairs, PriorObjective, check_prior, class_examples, class_images
 from .schedule import SCHEDULES, lr_schedule
 from .text import encode
-from .transforms import ImageTransform, load_rgb
+from .transforms import BucketTransform, ImageTransform, load_rgb
 from .validation import check_validation, validation_images
 
 __all__ = ["TrainConfig", "TrainResult", "train", "FORMATS"]
@@ -59,6 +61,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
+    text_encoder_lr: Optional[float] = None  # text encoders' AdamW group (default: lr, adam_weight_decay)
+    adam_weight_decay_text_encoder: Optional[float] = None
     max_grad_norm: Optional[float] = 1.0
     seed: Optional[int] = None
     snr_gamma: Optional[float] = None
@@ -67,6 +71,8 @@ class TrainConfig:
     flip: bool = False
     interpolation: str = "lanczos"
     cache_latents: bool = False
+    buckets: bool = False                 # aspect-ratio buckets (training/buckets.py), sides multiples of:
+    bucket_step: int = 64
     checkpoint_every: Optional[int] = None
     resume: Optional[Path] = None
     format: str = "both"
@@ -80,6 +86,8 @@ class TrainConfig:
     validation_images: int = 4
     ema: bool = False                     # save an exponential moving average (training/ema.py)
     ema_decay: float = 0.9999
+    gradient_checkpointing: bool = False  # the UNet's blocks recompute activations in the backward pass
+    mixed_precision: str = "no"           # bf16 | fp16 (CUDA): frozen weights and forward (training/precision.py)
 
     def check(self) -> None:
         """Every argument, before any file is read."""
@@ -90,12 +98,15 @@ class TrainConfig:
         if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) \
                 or self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps: expected an integer >= 0, got {self.lr_warmup_steps!r}")
-        for name, low in (("lr", 0), ("adam_epsilon", 0), ("snr_gamma", 0), ("max_grad_norm", 0)):
+        for name, low in (("lr", 0), ("adam_epsilon", 0), ("snr_gamma", 0), ("max_grad_norm", 0),
+                          ("text_encoder_lr", 0)):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and low < v < float("inf")):
                 raise ValueError(f"{name}: expected a finite number > {low}, got {v!r}")
-        for name in ("adam_weight_decay", "noise_offset"):
+        for name in ("adam_weight_decay", "noise_offset", "adam_weight_decay_text_encoder"):
             v = getattr(self, name)
+            if name == "adam_weight_decay_text_encoder" and v is None:
+                continue
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -110,10 +121,16 @@ class TrainConfig:
         check_prior(self.class_data, self.class_prompt, self.num_class_images, self.prior_loss_weight)
         check_validation(self.validation_prompt, self.validation_every, self.validation_images)
         check_decay(self.ema_decay)
+        check_precision(self.mixed_precision)
         ImageTransform(self.resolution, interpolation=self.interpolation)
         if self.cache_latents and (self.flip or not self.center_crop):
             raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
                              "latent would freeze one random crop or flip")
+        if self.buckets:
+            check_buckets(self.resolution, self.bucket_step)
+            for name in ("cache_latents", "class_data"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: not supported with buckets yet; drop one of them")
         out = Path(self.output)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output: {out} exists and is not a folder")
@@ -158,6 +175,11 @@ class _Data:
         self.caption = getattr(method, "caption", lambda e: e.caption)  # e.g. a template drawn per use
         self.transform = method.transform(config, sdxl) if hasattr(method, "transform") else \
             ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
+        self.sizes = None  # with buckets: each example's (width, height)
+        if config.buckets:
+            sizes = bucket_sizes(config.resolution, config.bucket_step)
+            self.sizes = [sizes[b] for b in bucket_ids(examples, config)]
+            self.transform = BucketTransform(config.resolution, flip=config.flip, interpolation=config.interpolation)
         self.cache = None
         if config.cache_latents:
             self.cache = LatentCache(vae, [self.transform(load_rgb(e.path))[0] for e in examples])
@@ -171,6 +193,11 @@ class _Data:
         images = []
         for i in indices:
             e = self.examples[i]
+            if self.sizes is not None:
+                x, (top, left) = self.transform(load_rgb(e.path), self.sizes[i])
+                images.append(x)
+                time_ids.append([e.size[1], e.size[0], top, left, self.sizes[i][1], self.sizes[i][0]])
+                continue
             if self.cache is None:
                 x, (top, left) = self.transform(load_rgb(e.path))
                 images.append(x)
@@ -200,6 +227,29 @@ class _Data:
         return latents, captions, time_ids
 
 
+def bucket_ids(examples, config: TrainConfig) -> list[int]:
+    """Each example's bucket (an index into ``bucket_sizes``)."""
+    sizes = bucket_sizes(config.resolution, config.bucket_step)
+    return [nearest_bucket(e.size, sizes) for e in examples]
+
+
+def _param_groups(params, roots: dict, config: TrainConfig):
+    """AdamW's groups: the UNet's (and the rest), then the text encoders' with their own lr and
+    weight decay where set, as diffusers' ``train_dreambooth_lora_sdxl.py``; one group if not."""
+    if config.text_encoder_lr is None and config.adam_weight_decay_text_encoder is None:
+        return params
+    inside = {id(p) for name, m in roots.items() if name != "unet" and m is not None for p in m.parameters()}
+    text = [p for p in params if id(p) in inside]
+    if not text:
+        raise ValueError("text_encoder_lr, adam_weight_decay_text_encoder: this run trains no text encoder "
+                         "parameters (pass train_text_encoder=True / --train-text-encoder)")
+    te = {"params": text, "lr": config.text_encoder_lr if config.text_encoder_lr is not None else config.lr,
+          "weight_decay": config.adam_weight_decay if config.adam_weight_decay_text_encoder is None
+          else config.adam_weight_decay_text_encoder}
+    rest = [p for p in params if id(p) not in inside]
+    return ([{"params": rest}] if rest else []) + [te]
+
+
 def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float32) -> TrainResult:
     """Train ``method`` (e.g. :class:`~controldiff.training.lora.LoRA`) on the diffusers
     folder ``model`` with ``config``; save its weights in ``config.output`` and return the
@@ -212,11 +262,15 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     config.check()
     procs = Processes.from_env(device)
     device = procs.device
+    check_precision(config.mixed_precision, device)
     read = getattr(method, "read_data", None)  # a method with data of its own (textual inversion's templates)
+    if config.buckets and hasattr(method, "transform"):
+        raise ValueError(f"buckets: {method.name} has its own image transform; train it without buckets")
     examples = read(model, config) if read else read_folder(config.data, config.resolution, config.prompt)
     kinds = getattr(method, "formats", ("kohya", "diffusers"))  # the files the method writes
     if config.format != "both" and config.format not in kinds:
         raise ValueError(f"format: {method.name} saves {' or '.join(kinds)} (or both), got {config.format!r}")
+    groups = bucket_ids(examples, config) if config.buckets else None  # each example's bucket
     pairs = Pairs(len(examples), config.num_class_images) if config.class_data is not None else None
     count = pairs.count if pairs else len(examples)  # the data set's length
     configs = read_configs(model)
@@ -224,6 +278,9 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     resumed = ckpt.read(config.resume) if config.resume is not None else None
     if resumed is not None:
         _check_resume(resumed, signature, method, count, config)
+        if resumed.info["data"].get("groups") != groups:
+            raise ValueError(f"resume: {config.resume} was trained " + ("with" if resumed.info["data"].get("groups")
+                             else "without") + " buckets, or other ones; pass the buckets settings it was trained with")
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     if pairs is not None:  # before the seed: generation draws from its own generators
@@ -250,7 +307,12 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     for name, m in roots.items():
         if m is not None and (name == "unet" or method.train_text_encoder):
             m.train()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+    c.unet.gradient_checkpointing = config.gradient_checkpointing
+    if not hasattr(method, "bind"):  # a method saving whole models (DreamBooth) keeps them float32
+        hold_frozen([c.vae, *roots.values()], config.mixed_precision)
+    forward = lambda: autocast(config.mixed_precision, device)  # noqa: E731
+    scale_loss = scaler(config.mixed_precision, device)
+    optimizer = torch.optim.AdamW(_param_groups(params, roots, config), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     schedule = lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, config.steps)
     objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset) \
@@ -260,7 +322,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         objective = method.objective(objective)
     objective.target(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))  # prediction type check
     batch_size = config.batch_size * procs.world  # the global batch
-    batches = Batches(count, batch_size)
+    batches = Batches(count, batch_size, groups=groups)
     step = 0
     ema = EMA(params, config.ema_decay) if config.ema else None
     if resumed is not None:
@@ -275,7 +337,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         schedule.load_state_dict(resumed.lr_scheduler)
         ckpt.set_rng_state(resumed.rng)
         d = resumed.info["data"]
-        batches = Batches(count, batch_size, d["epoch"], d["order"], d["position"])
+        batches = Batches(count, batch_size, d["epoch"], d["order"], d["position"], groups)
         step = resumed.step
     data = _Data(examples, config, c.vae, sdxl, method)
 
@@ -319,8 +381,9 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
 
     def validate():
         if config.validation_prompt is not None and procs.main:
-            validation_images(c, config.validation_prompt, config.validation_images, config.resolution,
-                              config.seed, step, output, Path(model).name)
+            with forward():
+                validation_images(c, config.validation_prompt, config.validation_images, config.resolution,
+                                  config.seed, step, output, Path(model).name)
 
     from tqdm.auto import tqdm
 
@@ -336,7 +399,10 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                 if batches.position < len(batches.order):  # more of this epoch: the next batch is drawn now
                     ahead = (torch.get_rng_state(), batches.state())
                     pending = fetch()
-                latents, captions, time_ids = data.encode(drawn)
+                with forward():
+                    latents, captions, time_ids = data.encode(drawn)
+                if config.mixed_precision != "no":  # the noise and SDXL sizes as in float32
+                    latents, time_ids = latents.float(), None if time_ids is None else time_ids.float()
                 noise, timesteps = objective.sample(latents)
                 rows = procs.rows(len(latents), config.batch_size, 2 if pairs else 1)
                 share = 1.0  # of the global batch's mean loss
@@ -348,10 +414,11 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                     captions = [captions[i] for i in rows]
                     time_ids = time_ids[rows] if time_ids is not None else None
                 with procs.local_rng(seed, step * config.gradient_accumulation + micro):
-                    embeds, pooled = conditioning(captions)
-                    added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
-                    loss = objective(c.unet, latents, embeds, added, noise=noise, timesteps=timesteps)
-                    (loss * share / config.gradient_accumulation).backward()
+                    with forward():
+                        embeds, pooled = conditioning(captions)
+                        added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
+                        loss = objective(c.unet, latents, embeds, added, noise=noise, timesteps=timesteps)
+                    scale_loss.scale(loss * share / config.gradient_accumulation).backward()
                 total += loss.item() * share / config.gradient_accumulation
             if procs.world > 1:  # the sums of the ranks' shares: the global batch's gradient and loss
                 for p in params:
@@ -361,9 +428,11 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                 procs.sum_([p.grad for p in params] + [summed])
                 total = summed.item()
             with _uninterrupted():
+                scale_loss.unscale_(optimizer)
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+                scale_loss.step(optimizer)
+                scale_loss.update()
                 schedule.step()
                 optimizer.zero_grad()
                 if ema is not None:
