@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["INTERPOLATIONS", "ImageTransform", "load_rgb"]
+__all__ = ["BucketTransform", "INTERPOLATIONS", "ImageTransform", "load_rgb"]
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                   "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
@@ -65,8 +65,37 @@ class ImageTransform:
         img = self.resize(img)
         top, left = self.crop_box(img)
         r = self.resolution
-        img = img.crop((left, top, left + r, top + r))
-        if self.flip and torch.rand(1) < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
-        return (x - 0.5) / 0.5, (top, left)
+        return _tensor(img.crop((left, top, left + r, top + r)), self.flip), (top, left)
+
+
+def _tensor(img: Image.Image, flip: bool) -> torch.Tensor:
+    """Optionally flipped (torchvision's RandomHorizontalFlip draw), scaled to [-1, 1]."""
+    if flip and torch.rand(1) < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+    return (x - 0.5) / 0.5
+
+
+@dataclass(frozen=True)
+class BucketTransform(ImageTransform):
+    """For aspect-ratio buckets (``buckets.py``), as kohya's ``trim_and_resize_if_required``: resize
+    to cover the bucket (scale rounded half up), center crop to it, optionally flip.
+    ``transform(image, (width, height)) -> (tensor (3, height, width), (top, left))``."""
+
+    center_crop: bool = True
+
+    def resized_to(self, w: int, h: int, size: tuple[int, int]) -> tuple[int, int]:
+        scale = size[1] / h if w / h > size[0] / size[1] else size[0] / w
+        return int(w * scale + 0.5), int(h * scale + 0.5)
+
+    def crop_to(self, w: int, h: int, size: tuple[int, int]) -> tuple[int, int]:
+        """(top, left) of the crop in the image of (w, h) resized for ``size``."""
+        w, h = self.resized_to(w, h, size)
+        return (h - size[1]) // 2, (w - size[0]) // 2
+
+    def __call__(self, img: Image.Image, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        top, left = self.crop_to(*img.size, size)
+        resized = self.resized_to(*img.size, size)
+        if resized != img.size:
+            img = img.resize(resized, INTERPOLATIONS[self.interpolation])
+        return _tensor(img.crop((left, top, left + size[0], top + size[1])), self.flip), (top, left)
