@@ -312,7 +312,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         hold_frozen([c.vae, *roots.values()], config.mixed_precision)
     forward = lambda: autocast(config.mixed_precision, device)  # noqa: E731
     scale_loss = scaler(config.mixed_precision, device)
-    optimizer = torch.optim.AdamW(_param_groups(params, roots, config), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW(_param_groups(params, roots, config), lr=config.lr,
+                                  betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     schedule = lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, config.steps)
     objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset) \
