@@ -66,7 +66,8 @@ def evaluate(ctx: Context, call: ModelCall) -> dict[str, torch.Tensor]:
     the part through ``call.window`` / ``call.local``, and the parts' outputs are stacked
     again, so controls see the predictions one call would give.
     """
-    parts = plan_rows(call.x.shape[0], row_bytes(ctx, *call.x.shape[-2:]), ctx.memory_budget)
+    h, w = call.x.shape[-2:]
+    parts = plan_rows(call.x.shape[0], row_bytes(ctx, h, w), ctx.memory_budget, f"UNet call at {h}x{w} latents")
     scope = ctx.unet.attention_processors(call.processors) if call.processors else contextlib.nullcontext()
     outs = []
     with scope:
@@ -79,15 +80,6 @@ def evaluate(ctx: Context, call: ModelCall) -> dict[str, torch.Tensor]:
                 call.window = None
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return {name: out[s] for name, s in call.slices.items()}
-
-
-def _check_budget(ctx: Context, latents: torch.Tensor, owner: Optional[Control]) -> None:
-    """Refuse before step 0 a budget that cannot hold one row of this run's calls (the
-    canvas, or the largest view of a control that splits it)."""
-    views = getattr(owner, "views", None) or []
-    sizes = [(v.h1 - v.h0, v.w1 - v.w0) for v in views] or [tuple(latents.shape[-2:])]
-    h, w = max(sizes, key=lambda s: s[0] * s[1])
-    plan_rows(1, row_bytes(ctx, h, w), ctx.memory_budget, f"UNet call at {h}x{w} latents")
 
 
 def _views_owner(controls: Sequence[Control]) -> Optional[Control]:
@@ -121,7 +113,6 @@ def sample(
     step_kwargs = step_kwargs or {}
     ctx.step_kwargs = step_kwargs   # for controls that step a scheduler copy (Pix2PixZero's reference pass)
     owner = _views_owner(controls)
-    _check_budget(ctx, latents, owner)
     count = len(timesteps)
     done = 0
     watch = StepWatch(timesteps, ctx.dtype)
