@@ -63,6 +63,7 @@ class PromptSchedule(Control):
         # composition changes the prediction; a single part of weight 1 only switches texts
         self.composed = self.count > 1 or any(w != 1.0 for p in self.parts for w, _ in p)
         self._conds: dict[tuple, TextCond] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}
 
     def _cond(self, schedules: list[Schedule], step: int) -> TextCond:
         rows = tuple(s[at_step(s, step)][1] for s in schedules)
@@ -83,11 +84,15 @@ class PromptSchedule(Control):
         return text
 
     def weights(self, j: int, like: torch.Tensor) -> torch.Tensor:
-        """Part j's weight per row of ``like`` (rows: prompt-major images, then views)."""
-        w = torch.tensor([p[j][0] if j < len(p) else 0.0 for p in self.parts], dtype=like.dtype, device=like.device)
-        w = w.repeat_interleave(self.n)
-        w = w.repeat(like.shape[0] // w.shape[0])
-        return w.view(-1, *([1] * (like.ndim - 1)))
+        """Part j's weight per row of ``like`` (rows: prompt-major images, then views); made
+        once per part and call shape, not every step."""
+        key = (j, like.shape, like.dtype, like.device)
+        if key not in self._weights:
+            w = torch.tensor([p[j][0] if j < len(p) else 0.0 for p in self.parts], dtype=like.dtype,
+                             device=like.device)
+            w = w.repeat_interleave(self.n).repeat(like.shape[0] // (len(self.parts) * self.n))
+            self._weights[key] = w.view(-1, *([1] * (like.ndim - 1)))
+        return self._weights[key]
 
     def before_step(self, ctx, step, latents):
         ctx.text.update(self.text_at(step.index))
