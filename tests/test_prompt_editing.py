@@ -313,15 +313,21 @@ def test_img2img_counts_from_the_first_step_run(models):
 
 
 def test_other_syntaxes_read_it_as_text(models):
+    """With the "none" or "compel" syntax the brackets and AND are the prompt's text at every step."""
     _, _, pipe = models("sd1")
-    x = _latents(1)
+    prompt = "a [cat:dog:2] AND b"
     try:
-        pipe.prompt_syntax = "none"
-        plain = _run(pipe, "a [cat:dog:2] AND b", x)
-        assert pipe.prompt_encoder.encode(["a [cat:dog:2] AND b"]) is not None
+        for syntax in ("none", "compel"):
+            pipe.prompt_syntax = syntax
+            probe = _Probe()
+            _run(pipe, prompt, _latents(1), controls=[probe])
+            literal = pipe.prompt_encoder.encode([prompt]).embeds[0]
+            assert len(probe.seen) == 4 and all(torch.equal(e, literal) for e in probe.seen), syntax
     finally:
         pipe.prompt_syntax = "a1111"
-    assert (plain - _run(pipe, "a [cat:dog:2] AND b", x)).abs().max() > 1e-3
+    probe = _Probe()
+    _run(pipe, prompt, _latents(1), controls=[probe])
+    assert not torch.equal(probe.seen[0], probe.seen[3])   # the a1111 syntax switches "cat" to "dog"
 
 
 def test_errors_before_any_work(models, monkeypatch):
