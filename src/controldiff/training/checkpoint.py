@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["Checkpoint", "rng_state", "set_rng_state", "set_seed", "model_signature", "write", "read",
-           "find", "atomic_file"]
+           "find", "atomic_file", "atomic_path"]
 
 PREFIX = "checkpoint-"
 TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.json"
@@ -148,14 +148,23 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(info.pop("step"), trainable, rest["optimizer"], rest["lr_scheduler"], rng, info)
 
 
-def atomic_file(path: Path, tensors: dict, metadata: Optional[dict] = None) -> Path:
-    """Save safetensors to ``path`` through a temporary file renamed when complete."""
+def atomic_path(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(temporary file)``, synced, then renamed to ``path``: a failure (or Ctrl-C)
+    leaves ``path`` as it was and no temporary file behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_file(path: Path, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """Save safetensors to ``path`` through a temporary file renamed when complete."""
+    return atomic_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+

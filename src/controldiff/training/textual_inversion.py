@@ -20,7 +20,6 @@ asked, resize to the square resolution, optional flip), ``transforms.py``'s RNG 
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from torch import nn
 
 from ..checks import positive_int
 from .data import Example, read_folder
+from .checkpoint import atomic_path
 from .transforms import INTERPOLATIONS
 
 __all__ = ["TextualInversion", "TEMPLATES", "STYLE_TEMPLATES", "SquareTransform"]
@@ -285,12 +285,5 @@ class TextualInversion:
 
 
 def _save_pt(path: Path, data: dict) -> Path:
-    """``torch.save`` through a temporary file renamed when complete (as ``atomic_file``)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through a temporary file renamed when complete."""
+    return atomic_path(path, lambda tmp: torch.save(data, tmp))

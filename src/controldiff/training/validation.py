@@ -9,7 +9,6 @@ global RNG states (Python, numpy, torch) are as before, so a run with validation
 trains exactly as one without."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -41,17 +40,11 @@ def write_image(path: Path, image, parameters: str) -> Path:
     """A PNG with A1111 ``parameters`` at ``path``, through a temporary file renamed when complete."""
     from ..png import write_png
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write_png(image, f, parameters)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return ckpt.atomic_path(path, write)
 
 
 def validation_images(components, prompt: str, count: int, resolution: int, seed: Optional[int], step: int,
