@@ -330,6 +330,17 @@ def test_other_syntaxes_read_it_as_text(models):
     assert not torch.equal(probe.seen[0], probe.seen[3])   # the a1111 syntax switches "cat" to "dog"
 
 
+def test_pix2pix_zero_refuses_a_changing_prompt_before_the_unet_runs(models, monkeypatch):
+    _, _, pipe = models("sd1")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the UNet ran before the combination was refused")
+
+    monkeypatch.setattr(pipe.unet, "forward", forbidden)
+    with pytest.raises(ValueError, match="Pix2PixZero.*prompt editing"):
+        pipe("a cat AND a dog", num_inference_steps=2, controls=[cd.Pix2PixZero("cat", "dog")])
+
+
 def test_errors_before_any_work(models, monkeypatch):
     path, _, pipe = models("sdxl")
 
@@ -341,8 +352,6 @@ def test_errors_before_any_work(models, monkeypatch):
         monkeypatch.setattr(encoder, "forward", forbidden)
     with pytest.raises(ValueError, match="prompt_2"):
         pipe("a [cat:dog:2]", prompt_2="a cat", num_inference_steps=2)
-    with pytest.raises(ValueError, match="Pix2PixZero"):
-        pipe("a cat AND a dog", num_inference_steps=2, controls=[cd.Pix2PixZero("cat", "dog")])
     with pytest.raises(ValueError, match="negative_prompt"):  # a step's text with a weight beyond the limit
         pipe("a cat", negative_prompt="[x:(y:1000):1]", num_inference_steps=2)
 

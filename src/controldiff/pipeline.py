@@ -17,7 +17,6 @@ from . import schedulers
 from .checks import finite_number, is_number, positive_int
 from .controls.cfg import CFG
 from .controls.inpaint import InpaintBlend, InpaintConcat
-from .controls.pix2pix_zero import Pix2PixZero
 from .controls.prompt_schedule import PromptSchedule, is_plain, schedule_texts
 from .inversion import Inversion, InversionMixin
 from .loading.custom_diffusion import CustomDiffusionMixin
@@ -155,7 +154,7 @@ class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFil
         return (self.info.family == "sdxl" and negative is None
                 and self.model_index.get("force_zeros_for_empty_prompt", True))
 
-    def _schedule_steps(self, prompts, negative, prompt_2, negative_2, steps: int, controls) -> Optional[int]:
+    def _schedule_steps(self, prompts, negative, prompt_2, negative_2, steps: int) -> Optional[int]:
         """``steps`` when a prompt uses A1111 prompt editing, alternation or AND (a1111 syntax),
         else None; checks each step's text as a prompt. Runs no model."""
         negatives = None if negative is None else _as_list(negative, "negative_prompt")
@@ -165,9 +164,6 @@ class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFil
         if prompt_2 is not None or negative_2 is not None:
             raise ValueError("prompt_2/negative_prompt_2: with A1111 prompt editing, alternation or AND in the prompt, "
                              "leave them unset (A1111 gives both SDXL text encoders the same prompt)")
-        if any(isinstance(c, Pix2PixZero) for c in controls):
-            raise ValueError("controls: Pix2PixZero edits the prompt's embedding once; it does not combine with "
-                             "A1111 prompt editing, alternation or AND (the prompt changes per step)")
         parts, negs = schedule_texts(prompts, negatives, steps)
         self.prompt_encoder.check([t for p in parts for _, s in p for _, t in s], "prompt")
         if negs:
@@ -391,7 +387,7 @@ class Pipeline(LoraMixin, CustomDiffusionMixin, TextualInversionMixin, SingleFil
         for name, value in (("prompt", prompts), ("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
                             ("negative_prompt_2", negative_prompt_2)):
             self.prompt_encoder.check(value, name)
-        schedule_steps = self._schedule_steps(prompts, negative_prompt, prompt_2, negative_prompt_2, steps, controls)
+        schedule_steps = self._schedule_steps(prompts, negative_prompt, prompt_2, negative_prompt_2, steps)
 
         # timesteps
         sched = self.make_scheduler(scheduler) if inversion is None else inversion.make_scheduler(self)

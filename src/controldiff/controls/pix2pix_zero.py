@@ -46,6 +46,7 @@ import torch
 
 from ..checks import finite_number
 from ..sampling.control import Control, crop_views, default_processor
+from .prompt_schedule import PromptSchedule
 from ..text.encode import TextCond, check_text
 
 Prompts = Union[str, Sequence[str], torch.Tensor]
@@ -128,6 +129,9 @@ class Pix2PixZero(Control):
 
     # ------------------------------------------------------------------ setup
     def setup(self, ctx):
+        if any(isinstance(c, PromptSchedule) for c in ctx.controls):
+            raise ValueError("controls: Pix2PixZero edits the prompt's embedding once; it does not combine with "
+                             "A1111 prompt editing, alternation or AND (the prompt changes per step)")
         self.losses = []
         self._sites = attention_sites(ctx.unet)
         if self.guided and not self._sites:
