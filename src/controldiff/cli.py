@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import secrets
 import signal
 import sys
 import threading
@@ -19,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .generation import generate, infotext, load_extras, model_name, prompt_loras, random_seed
 
 PROG = "controldiff"
 _EXIT_FAILED, _EXIT_USAGE = 1, 2
@@ -404,8 +405,6 @@ class _Cancel:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from .loading.hashes import model_hash
     from .loading.inspect import quick_summary  # configs and headers only: checks before the weights load
     from .pipeline import Pipeline
@@ -434,7 +433,7 @@ def cmd_generate(args) -> int:
         controlnets = _restore_controlnets(args, png, controlnets)
     for p, _ in loras:
         if p.stem in tagged:
-            raise UsageError(f"argument --lora: {p.stem} is also in the prompt as {tagged[p.stem][2]}; give it once")
+            raise UsageError(f"argument --lora: {p.stem} is also in the prompt as {tagged[p.stem].tag}; give it once")
     if is_demo:
         from .demo import DEMO_NOTICE
 
@@ -447,16 +446,19 @@ def cmd_generate(args) -> int:
     _check_size(args, pipe.info.latent_factor)
     pipe.prompt_syntax = args.prompt_syntax
     mhash = model_hash(path)
-    extra_params, lora_hashes, ti_hashes = _load_extras(pipe, args, prompt, loras, tagged, embeddings)
+    extras = load_extras(pipe, prompt=prompt, negative=args.negative, loras=loras, tagged=tagged,
+                         embeddings=embeddings, embedding_dirs=args.embedding_dirs,
+                         prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip)
     if png is not None:
-        _check_hashes(args, png, mhash, lora_hashes, ti_hashes)
+        _check_hashes(args, png, mhash, extras.lora_hashes, extras.ti_hashes)
     controls = [_build_controlnet(arg, device, dtype) for arg in controlnets]
 
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed is not None else random_seed()
     seeds = [seed + i for i in range(args.num_images)]
     if args.seed is None:
         print(f"Seed: {seed}")
-    model_name = "demo (random weights)" if is_demo else (path.stem if path.is_file() else path.resolve().name)
+    name = model_name(path, is_demo)
+    mode = None if args.image is None else ("inpaint" if args.mask is not None else "img2img")
     # Only what the user gave is passed: the rest takes the library's per-family defaults,
     # and the PNG records the values out.settings says were used.
     given = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
@@ -467,38 +469,39 @@ def cmd_generate(args) -> int:
     cancel = _Cancel()
     t1 = time.perf_counter()
     saved, steps_run = [], 0
+    images = generate(pipe, prompt, seeds, callback=lambda n, i, t, x: cancel(i, t, x), negative_prompt=args.negative,
+                      height=args.height, width=args.width, scheduler=args.scheduler, image=image, mask_image=mask,
+                      controls=controls, clip_skip=args.clip_skip, **given)
     with cancel:
-        for i, s in enumerate(seeds):
-            try:
-                out = pipe(prompt, negative_prompt=args.negative, height=args.height, width=args.width,
-                           scheduler=args.scheduler, generator=torch.Generator("cpu").manual_seed(s), image=image,
-                           mask_image=mask, output_type="pil", callback=cancel, controls=controls,
-                           clip_skip=args.clip_skip, **given)
-            except (ValueError, FloatingPointError) as e:  # e.g. NaN in image 3: say what was kept
-                if not saved:
-                    raise
-                print(f"{PROG}: error: image {i + 1} (seed {s}): {e}; {_kept(saved)}", file=sys.stderr)
-                return _EXIT_USAGE  # as main() reports these errors
-            if out.cancelled:
-                done = out.steps_done
-                print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {i + 1}; "
-                      f"{_kept(saved)}", file=sys.stderr)
-                return _EXIT_SIGNAL[cancel.signal or signal.SIGINT]
-            steps_run += out.steps_done
-            text = _parameters(args, out.settings, out.images[0], s, model_name, mhash, extra_params, controls,
-                               controlnets)
-            try:
-                p = outputs.save(i, s, lambda f: _write_png(out.images[0], f, text))
-            except OSError as e:
-                where = e.filename or outputs.folder
-                print(f"{PROG}: error: cannot save image {i + 1} in {where}: {e.strerror or e}; {_kept(saved)}",
-                      file=sys.stderr)
-                return _EXIT_FAILED
-            saved.append(p)
-            print(p, flush=True)  # a script reading our output sees each image as it is saved
-            if cancel.requested:  # the signal came while this image was finishing: it is kept
-                print(f"{PROG}: stopped after image {i + 1}; {_kept(saved)}", file=sys.stderr)
-                return _EXIT_SIGNAL[cancel.signal]
+        try:
+            for i, s, out in images:
+                if out.cancelled:
+                    done = out.steps_done
+                    print(f"{PROG}: cancelled after {done} step{'s' * (done != 1)} of image {i + 1}; "
+                          f"{_kept(saved)}", file=sys.stderr)
+                    return _EXIT_SIGNAL[cancel.signal or signal.SIGINT]
+                steps_run += out.steps_done
+                text = infotext(args.prompt, args.negative, out.settings, out.images[0], s, model=name,
+                                model_hash=mhash, extra=extras.params, mode=mode, controls=controls,
+                                controlnet_names=[c.path.name for c in controlnets])
+                try:
+                    p = outputs.save(i, s, lambda f: _write_png(out.images[0], f, text))
+                except OSError as e:
+                    where = e.filename or outputs.folder
+                    print(f"{PROG}: error: cannot save image {i + 1} in {where}: {e.strerror or e}; {_kept(saved)}",
+                          file=sys.stderr)
+                    return _EXIT_FAILED
+                saved.append(p)
+                print(p, flush=True)  # a script reading our output sees each image as it is saved
+                if cancel.requested:  # the signal came while this image was finishing: it is kept
+                    print(f"{PROG}: stopped after image {i + 1}; {_kept(saved)}", file=sys.stderr)
+                    return _EXIT_SIGNAL[cancel.signal]
+        except (ValueError, FloatingPointError) as e:  # e.g. NaN in image 3: say what was kept
+            if not saved:
+                raise
+            n = len(saved)
+            print(f"{PROG}: error: image {n + 1} (seed {seeds[n]}): {e}; {_kept(saved)}", file=sys.stderr)
+            return _EXIT_USAGE  # as main() reports these errors
     elapsed = time.perf_counter() - t1
     print(f"Generated {len(saved)} image{'s' * (len(saved) != 1)} in {elapsed:.1f} s "
           f"({elapsed / max(steps_run, 1):.2f} s/step)")
@@ -516,40 +519,6 @@ def _write_png(image, f, text: str) -> None:
     write_png(image, f, text)
 
 
-def _parameters(args, settings: dict, img, seed: int, model_name: str, model_hash: str, extra_params: dict,
-                controls, controlnets) -> str:
-    """The PNG's A1111-style text: the values the pipeline says it used (``out.settings``)."""
-    from .png import control_fields, format_parameters
-    from .schedulers.a1111 import TO_A1111
-
-    extra = {}
-    if args.image is not None:
-        extra["Denoising strength"] = settings.get("strength")
-        extra["Mode"] = "inpaint" if args.mask is not None else "img2img"
-    extra.update(extra_params)
-    extra.update(control_fields(_describe_controls(settings.get("controls", controls), controlnets)))
-    extra["Version"] = f"controldiff {_version()}"
-    name = settings.get("scheduler")
-    sampler, schedule = TO_A1111.get(name, (name, None))   # A1111's names, so A1111 reads them back
-    if schedule:
-        extra = {"Schedule type": schedule, **extra}
-    # the prompt as given, <lora:...> tags included, as A1111 records it
-    return format_parameters(args.prompt, args.negative, settings.get("steps"), sampler,
-                             settings.get("guidance_scale"), seed, img.width, img.height, model_name, extra,
-                             model_hash=model_hash)
-
-
-def _describe_controls(used: list, controlnets) -> list[dict]:
-    """Descriptions of the controls used (``out.settings["controls"]``: dicts, or controls
-    with ``describe()``); a ControlNet is named by the file or folder given on the command line."""
-    out, k = [], 0
-    for c in used:
-        d = dict(c) if isinstance(c, dict) else dict(getattr(c, "describe", lambda: {"name": type(c).__name__})())
-        if d.get("name") == "ControlNet" and k < len(controlnets):
-            d["model"] = controlnets[k].path.name
-            k += 1
-        out.append(d)
-    return out
 def _split_suffix(value: str, flag: str, convert):
     """"PATH:SUFFIX" -> (Path, converted suffix or None); a path may itself contain ':'."""
     path, sep, tail = value.rpartition(":")
@@ -561,73 +530,16 @@ def _split_suffix(value: str, flag: str, convert):
     return Path(value), None
 
 
-def _prompt_loras(args) -> tuple[str, dict[str, tuple[Path, float, str]]]:
-    """The prompt without its ``<lora:...>`` tags (A1111's extra networks; the rest unchanged)
-    and the LoRAs the tags name, found in --lora-dir: ``{name: (file, weight, tag)}``, the weights
-    of a name given twice added (A1111 applies both)."""
-    from .text.extra_networks import LORA_EXTENSIONS, LORA_KINDS, find_file, lora_tags, parse_prompt
-
-    prompt, tags = parse_prompt(args.prompt)
-    for t in tags:
-        if t.kind not in LORA_KINDS:
-            print(f"{PROG}: note: {t.text} left out of the prompt: only lora and lyco tags are loaded", file=sys.stderr)
-    out: dict[str, tuple[Path, float, str]] = {}
+def _prompt_loras(args) -> tuple[str, dict]:
+    """The prompt without its ``<lora:...>`` tags and the LoRAs they name, found in --lora-dir
+    (:func:`controldiff.generation.prompt_loras`); other tags are left out with a note."""
     try:
-        found = lora_tags(tags)
+        prompt, tagged, ignored = prompt_loras(args.prompt, args.lora_dirs, "no --lora-dir given")
     except ValueError as e:
         raise UsageError(f"argument --prompt: {str(e).removeprefix('prompt: ')}") from None
-    for t in found:
-        if t.te != t.unet:
-            raise UsageError(f"argument --prompt: {t.text}: separate text-encoder and UNet weights are not "
-                             f"supported; give one weight")
-        path = find_file(t.name, args.lora_dirs)
-        if path is None:
-            where = ", ".join(map(str, args.lora_dirs)) if args.lora_dirs else "nowhere: no --lora-dir given"
-            raise UsageError(f"argument --prompt: {t.text}: no LoRA file {t.name}"
-                             f"{'/'.join(LORA_EXTENSIONS)} found; searched {where}")
-        out[t.name] = (path, out[t.name][1] + t.te if t.name in out else t.te, t.text)
-    return prompt, out
-
-
-def _load_extras(pipe, args, prompt, loras, tagged, embeddings) -> tuple[dict, dict, dict]:
-    """LoRAs (--lora, and the prompt's tags) and embeddings (--embedding, and the --embedding-dir
-    files named in the prompts), all checked to exist; what the PNG records of them, and the
-    hashes of the LoRA and embedding files loaded, by name."""
-    from .loading.hashes import embedding_hash, lora_hash
-    from .png import format_hashes
-    from .text.extra_networks import embedding_files, used_embeddings
-
-    names, tokens, lora_hashes, ti_hashes = [], [], {}, {}
-    for path, weight in loras:
-        weight = 1.0 if weight is None else weight
-        name = pipe.load_lora(path, weight=weight)
-        names.append(f"{name}:{weight:g}")
-        lora_hashes[name] = lora_hash(path)
-    for name, (path, weight, _) in tagged.items():
-        lora_hashes[pipe.load_lora(path, weight=weight, name=name)] = lora_hash(path)
-    for path, token in embeddings:
-        added = pipe.load_textual_inversion(path, token=token)
-        tokens += added
-        ti_hashes[added[0]] = embedding_hash(path)
-    files = embedding_files(args.embedding_dirs)
-    candidates = [n for n in files if n not in pipe.textual_inversions]
-    for name in used_embeddings([prompt, args.negative or ""], candidates):
-        pipe.load_textual_inversion(files[name], token=name)
-        ti_hashes[name] = embedding_hash(files[name])
-    params = {}
-    if names:
-        params["Lora"] = " ".join(names)
-    if lora_hashes:
-        params["Lora hashes"] = format_hashes(lora_hashes)
-    if tokens:
-        params["TI"] = " ".join(tokens)
-    if ti_hashes:
-        params["TI hashes"] = format_hashes(ti_hashes)
-    if args.prompt_syntax != "a1111":
-        params["Prompt syntax"] = args.prompt_syntax
-    if args.clip_skip:
-        params["Clip skip"] = args.clip_skip
-    return params, lora_hashes, ti_hashes
+    for text in ignored:
+        print(f"{PROG}: note: {text} left out of the prompt: only lora and lyco tags are loaded", file=sys.stderr)
+    return prompt, tagged
 
 
 @dataclass(frozen=True)
@@ -712,15 +624,6 @@ def _open_image(path: Path | None, flag: str, mode: str):
     from .images import load_image
 
     return None if path is None else load_image(path, flag).convert(mode)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("controldiff")
-    except Exception:  # not installed (running from a source tree)
-        return "dev"
 
 
 # ----------------------------------------------------------------------------- info
