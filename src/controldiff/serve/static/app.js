@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const lists = { models: [], loras: [], embeddings: [], controlnets: [], samplers: [] };
 let ROOT = {};                 // the request schema (for $ref)
 let controlTypes = {};         // control name -> its (resolved) schema
-let job = null;                // the job being watched: {id, timer}
+let job = null;                // the job being watched: {id}
+let lastJob = null;            // the id of the last job this page made
 
 // the fields the page lays out itself; every other request property goes to "More settings"
 const OWN_FIELDS = ["prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale",
@@ -414,7 +415,7 @@ function setupPainting() {
       im.onerror = reject;
       im.src = init.data;
     });
-    const k = Math.min(1, 384 / init.image.naturalWidth, 384 / init.image.naturalHeight);
+    const k = Math.min(4, 384 / init.image.naturalWidth, 384 / init.image.naturalHeight);
     for (const c of [base, mask]) {
       c.width = Math.round(init.image.naturalWidth * k);
       c.height = Math.round(init.image.naturalHeight * k);
@@ -594,6 +595,7 @@ async function generate() {
     return;
   }
   job = { id };
+  lastJob = id;
   $("job-state").textContent = "queued";
   $("progress").value = 0;
   setRunning(true);
