@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
+    from .batch.cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     return parser
 
 
