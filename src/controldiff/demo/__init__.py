@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from .. import tiny
 
 NAME = "demo-sd1-v1"  # bump the version whenever the build below changes
 SEED = 20240229
@@ -104,45 +104,27 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> dict[str,
     return {k: v.contiguous() for k, v in module.state_dict().items()}
 
 
-def _save_component(folder: Path, config: dict, state: dict, class_name: str) -> None:
+def write_component(folder: Path, config: dict | None, state: dict, class_name: str, hf_config=None) -> None:
+    """One component folder: ours (``config`` + diffusers' file names) or a transformers
+    model's (``hf_config``: its ``config.json``, ``model.safetensors``)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if hf_config is not None:
+        hf_config.to_json_file(folder / "config.json")
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return
     cfg = {"_class_name": class_name, "_diffusers_version": "0.42.1", **config}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors")
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
 
 
-def build(folder: str | Path) -> Path:
-    """Write the demo model (diffusers layout, safetensors) into an empty ``folder``."""
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .models.unet import UNet2DConditionModel
-    from .models.vae import AutoencoderKL
-
-    folder = Path(folder)
-    g = torch.Generator().manual_seed(SEED)
-
-    unet = UNet2DConditionModel(unet_config())
-    _save_component(folder / "unet", unet_config(), _randomize(unet, g), "UNet2DConditionModel")
-    del unet
-    vae = AutoencoderKL(vae_config())
-    _save_component(folder / "vae", vae_config(), _randomize(vae, g), "AutoencoderKL")
-    del vae
-
-    te_cfg = text_encoder_config()
-    te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if k not in ("architectures", "model_type")}))
-    te_state = _randomize(te, g)
-    (folder / "text_encoder").mkdir()
-    te.config.to_json_file(folder / "text_encoder" / "config.json")
-    save_file(te_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-
-    tiny.write_tokenizer(folder / "tokenizer")
+def write_index(folder: Path) -> None:
+    """The scheduler config and ``model_index.json``, last: its presence marks a complete folder."""
     (folder / "scheduler").mkdir()
     sched = {**tiny.scheduler_config("sd1"), "_diffusers_version": "0.42.1"}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -155,6 +137,29 @@ def build(folder: str | Path) -> Path:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    # model_index.json last: its presence marks a complete folder.
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build(folder: str | Path) -> Path:
+    """Write the demo model (diffusers layout, safetensors) into an empty ``folder``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.unet import UNet2DConditionModel
+    from ..models.vae import AutoencoderKL
+
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(SEED)
+
+    unet = UNet2DConditionModel(unet_config())
+    write_component(folder / "unet", unet_config(), _randomize(unet, g), "UNet2DConditionModel")
+    del unet
+    vae = AutoencoderKL(vae_config())
+    write_component(folder / "vae", vae_config(), _randomize(vae, g), "AutoencoderKL")
+    del vae
+
+    te_cfg = text_encoder_config()
+    te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if k not in ("architectures", "model_type")}))
+    write_component(folder / "text_encoder", None, _randomize(te, g), "CLIPTextModel", te.config)
+    tiny.write_tokenizer(folder / "tokenizer")
+    write_index(folder)
     return folder

@@ -253,6 +253,7 @@ def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
 
 _MIN_SEED = 6  # pixels: specks below this are noise, not objects
 _MIN_AREA = 20  # the smallest object drawn (a small star) has about 60
+_MAX_AREA = SIZE * SIZE // 4  # the largest (a large square) has 462; more is a failed background
 
 
 def _blob(work, bg, dist, seed, window, taken, classify) -> Optional[Blob]:
@@ -272,7 +273,7 @@ def _blob(work, bg, dist, seed, window, taken, classify) -> Optional[Blob]:
     mask = np.isin(parts, keep[keep > 0]) & ~taken[y0:y1, x0:x1]
     mask = ndimage.binary_fill_holes(mask)
     area = int(mask.sum())
-    if area < _MIN_AREA:
+    if not _MIN_AREA <= area <= _MAX_AREA:
         return None
     taken[y0:y1, x0:x1] |= mask
     rows, cols = np.nonzero(mask)

@@ -1,0 +1,246 @@
+"""The recipe that makes the embedded default model: a 64x64 SD1-style text-to-image model
+trained from scratch on synthetic scenes (``demo/scenes.py``) with the project's training
+parts (``training/objective.py``'s loss, ``training/ema.py``, ``training/text.py``).
+
+    python -m controldiff.demo.recipe OUT [--vae-steps N] [--steps N] [--threads T]
+
+Two stages, each a pure function of the seed and the step counts:
+1. the VAE (latent factor 4: 64x64x3 <-> 16x16x4), MSE + a small KL term, on fresh scenes;
+   its ``scaling_factor`` is then set so the latents have unit variance, as SD's does;
+2. the UNet and the CLIP text encoder together, epsilon prediction on the DDPM
+   scaled-linear schedule (SD's), min-SNR weighting, 10% empty captions (for classifier-free
+   guidance), AdamW, an EMA of both; latents of a fixed pool of scenes encoded once.
+It finishes on a 2-core CPU (one thread: see ``benchmarks/RESULTS.md`` for the times), and
+on a GPU when one is given (``--device cuda``). ``OUT`` gets a diffusers-layout folder (the
+EMA weights, safetensors) and ``recipe.json``: the settings, the losses and the times. A
+snapshot is written every ``--snapshot-every`` steps (atomically), so a fault loses little.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import tiny
+from . import scenes
+from .tokenizer import write_tokenizer
+
+__all__ = ["Recipe", "unet_config", "vae_config", "text_encoder_config", "train", "main"]
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    pool: int = 40000             # scenes whose latents stage 2 trains on
+    snapshot_every: int = 500
+    device: str = "cpu"
+
+
+def unet_config() -> dict:
+    """No attention at 16x16 (it costs most and the 8x8 and 4x4 levels place things)."""
+    cfg = tiny.unet_config("sd1", sample_size=scenes.SIZE // 4, cross_attention_dim=64)
+    cfg.update(block_out_channels=[32, 64, 128], layers_per_block=1, norm_num_groups=16, attention_head_dim=8,
+               down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+    return cfg
+
+
+def vae_config(scaling_factor: float = 1.0) -> dict:
+    cfg = tiny.vae_config(latent_factor=4, sample_size=scenes.SIZE)
+    cfg.update(block_out_channels=[16, 32, 64], scaling_factor=scaling_factor)
+    return cfg
+
+
+def text_encoder_config(vocab: dict[str, int]) -> dict:
+    cfg = tiny.text_encoder_config(hidden_size=64, layers=2, projection_dim=64)
+    cfg.update(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+               pad_token_id=vocab["<|endoftext|>"])
+    return cfg
+
+
+def _images(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` training scenes as (n, 3, 64, 64) in [-1, 1] and their captions."""
+    picked = [scenes.sample(rng) for _ in range(n)]
+    x = np.stack([np.asarray(scenes.render(s), dtype=np.float32) for s in picked]) / 127.5 - 1
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), [s.caption() for s in picked]
+
+
+def _log(log: list, stage: str, step: int, loss: float, t0: float) -> None:
+    log.append({"stage": stage, "step": step, "loss": round(loss, 5), "seconds": round(time.perf_counter() - t0, 1)})
+    print(json.dumps(log[-1]), flush=True)
+
+
+def train_vae(r: Recipe, log: list):
+    from ..models.vae import AutoencoderKL
+
+    torch.manual_seed(r.seed)
+    rng = random.Random(f"vae-{r.seed}")
+    vae = AutoencoderKL(vae_config()).to(r.device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / r.vae_steps, 1))))
+    t0, running = time.perf_counter(), []
+    for step in range(1, r.vae_steps + 1):
+        x, _ = _images(rng, r.vae_batch)
+        x = x.to(r.device)
+        post = vae.encode(x)
+        recon = vae.decode(post.sample())
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
+        loss = torch.nn.functional.mse_loss(recon, x) + r.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if step % 50 == 0 or step == r.vae_steps:
+            _log(log, "vae", step, sum(running) / len(running), t0)
+            running = []
+    vae.eval()
+    with torch.no_grad():  # unit-variance latents, as SD's 0.18215 makes its VAE's
+        x, _ = _images(random.Random(f"scale-{r.seed}"), 512)
+        std = vae.encode(x.to(r.device)).mode().std().item()
+    vae.config = type(vae.config).with_defaults(vae.config, {"scaling_factor": round(1 / std, 5)})
+    return vae
+
+
+def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None):
+    """Stage 2; ``snapshot(unet, text_encoder, step)`` is called every ``snapshot_every`` steps
+    with the EMA weights in place (and the training weights restored after)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.unet import UNet2DConditionModel
+    from ..schedulers import create
+    from ..training.ema import EMA
+    from ..training.objective import Objective
+    from ..training.text import encode
+
+    torch.manual_seed(r.seed + 1)
+    te_cfg = text_encoder_config(vocab)
+    te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if k not in ("architectures", "model_type")}))
+    unet = UNet2DConditionModel(unet_config())
+    te, unet = te.to(r.device).train(), unet.to(r.device).train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r.warmup))
+    ema = EMA(params, decay=r.ema_decay)
+    objective = Objective(create("ddpm", tiny.scheduler_config("sd1")), snr_gamma=r.snr_gamma)
+
+    rng = random.Random(f"pool-{r.seed}")
+    moments, captions = [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, r.pool, 256):
+            x, c = _images(rng, min(256, r.pool - start))
+            moments.append(vae.encode(x.to(r.device)).parameters.cpu())
+            captions += c
+    moments = torch.cat(moments)
+    print(f"encoded {len(captions)} scenes in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    from ..models.vae import DiagonalGaussian
+
+    t0, running = time.perf_counter(), []
+    order = torch.Generator().manual_seed(r.seed + 2)
+    for step in range(1, r.steps + 1):
+        idx = torch.randint(0, len(captions), (r.batch,), generator=order)
+        latents = DiagonalGaussian(moments[idx].to(r.device)).sample() * vae.config.scaling_factor
+        text = ["" if rng.random() < r.caption_dropout else captions[i] for i in idx.tolist()]
+        embeds, _ = encode([tokenizer], [te], text, sdxl=False)
+        loss = objective(unet, latents, embeds)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        running.append(loss.item())
+        if step % 50 == 0 or step == r.steps:
+            _log(log, "model", step, sum(running) / len(running), t0)
+            running = []
+        if snapshot is not None and (step % r.snapshot_every == 0 or step == r.steps):
+            saved = [p.detach().clone() for p in params]
+            ema.copy_to()
+            snapshot(unet, te, step)
+            if step < r.steps:
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+    return unet.eval(), te.eval()
+
+
+def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict) -> Path:
+    """The diffusers layout, filled in a temp folder and renamed (a fault keeps the last one)."""
+    from ..training.checkpoint import atomic_folder
+    from . import write_component, write_index
+
+    def fill(tmp: Path) -> None:
+        write_component(tmp / "unet", unet_config(), unet.state_dict(), "UNet2DConditionModel")
+        write_component(tmp / "vae", dict(vae.config), vae.state_dict(), "AutoencoderKL")
+        write_component(tmp / "text_encoder", None, te.state_dict(), "CLIPTextModel", te.config)
+        (tmp / "tokenizer").mkdir()
+        for f in tokenizer_dir.iterdir():
+            (tmp / "tokenizer" / f.name).write_bytes(f.read_bytes())
+        (tmp / "recipe.json").write_text(json.dumps(extra, indent=1))
+        write_index(tmp)
+
+    return atomic_folder(Path(folder), fill)
+
+
+def train(out: Path, r: Recipe) -> Path:
+    out = Path(out)
+    log: list = []
+    start = time.perf_counter()
+    tok_dir = out.parent / f".{out.name}-tokenizer"
+    vocab = write_tokenizer(tok_dir, scenes.WORDS)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vae = train_vae(r, log)
+    vae_seconds = time.perf_counter() - start
+
+    def extra(step):
+        return {"recipe": asdict(r), "step": step, "vae_seconds": round(vae_seconds),
+                "seconds": round(time.perf_counter() - start), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "log": log}
+
+    def snapshot(unet, te, step):
+        save(out, unet, vae, te, tok_dir, extra(step))
+        print(f"snapshot at step {step}: {out}", flush=True)
+
+    train_model(r, vae, tokenizer, vocab, log, snapshot)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m controldiff.demo.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="folder to write (replaced atomically at each snapshot)")
+    defaults = Recipe()
+    for name, value in asdict(defaults).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one per process on shared cores)")
+    args = vars(p.parse_args(argv))
+    torch.set_num_threads(args.pop("threads"))
+    out = args.pop("out")
+    train(out, Recipe(**args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
