@@ -51,6 +51,7 @@ class Recipe:
     caption_dropout: float = 0.1
     pool: int = 40000             # scenes whose latents stage 2 trains on
     snapshot_every: int = 500
+    log_every: int = 50
     device: str = "cpu"
 
 
@@ -110,7 +111,7 @@ def train_vae(r: Recipe, log: list):
         opt.step()
         sched.step()
         running.append(loss.item())
-        if step % 50 == 0 or step == r.vae_steps:
+        if step % r.log_every == 0 or step == r.vae_steps:
             _log(log, "vae", step, sum(running) / len(running), t0)
             running = []
     vae.eval()
@@ -171,7 +172,7 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
         sched.step()
         ema.update()
         running.append(loss.item())
-        if step % 50 == 0 or step == r.steps:
+        if step % r.log_every == 0 or step == r.steps:
             _log(log, "model", step, sum(running) / len(running), t0)
             running = []
         if snapshot is not None and (step % r.snapshot_every == 0 or step == r.steps):
