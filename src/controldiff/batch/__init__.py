@@ -7,9 +7,9 @@ under ``torchrun``/``accelerate launch`` (:mod:`.shard`) or across a Ray cluster
 """
 from .jobs import Item, JobsError, read_jobs
 from .manifest import MANIFEST, Manifest, Output
-from .runner import ItemError, Summary, run_batch
+from .runner import Summary, run_batch
 from .shard import Shard
-from .worker import Worker
+from .worker import ItemError, Worker
 
 __all__ = ["Item", "JobsError", "read_jobs", "MANIFEST", "Manifest", "Output", "ItemError", "Summary", "run_batch",
            "Shard", "Worker"]

@@ -60,7 +60,8 @@ def folders_from_args(args):
 
 def cmd_batch(args) -> int:
     from ..cli import PROG, _Aborted
-    from .runner import ItemError, run_batch
+    from .runner import run_batch
+    from .worker import ItemError
 
     def stop(signum, frame):
         raise _Aborted(signum)  # main() reports it; atomic writes leave nothing half-written

@@ -18,7 +18,7 @@ def generate(items: list, folders, *, device: str = "auto", dtype: str = "auto",
     import ray
     from ray.util import ActorPool
 
-    from .worker import Worker
+    from .worker import ItemError, Worker
 
     started = not ray.is_initialized()
     if started:
@@ -30,8 +30,13 @@ def generate(items: list, folders, *, device: str = "auto", dtype: str = "auto",
         actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(Worker)
         pool = ActorPool([actor.remote(folders, "cuda" if gpu else device, dtype) for _ in range(n)])
         by_id = {it.id: it for it in items}
-        for item_id, outputs in pool.map_unordered(lambda a, it: a.run.remote(it), items):
-            yield by_id[item_id], outputs
+        try:
+            for item_id, outputs in pool.map_unordered(lambda a, it: a.run.remote(it), items):
+                yield by_id[item_id], outputs
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ItemError):
+                raise e.cause from None  # the line and the error, not the remote traceback
+            raise
     finally:
         if started:
             ray.shutdown()

@@ -10,12 +10,7 @@ from .jobs import read_jobs
 from .manifest import Manifest
 from .shard import Shard
 
-__all__ = ["run_batch", "Summary", "ItemError"]
-
-
-class ItemError(RuntimeError):
-    """An item failed while generating; the items finished before it are kept."""
-
+__all__ = ["run_batch", "Summary"]
 
 @dataclass(frozen=True)
 class Summary:
@@ -68,16 +63,19 @@ def run_batch(jobs: Path, out: Path, folders, *, device: str = "auto", dtype: st
 
 
 def _here(items, folders, device: str, dtype: str):
+    """The items generated in this process, those of one model together (the order changes
+    no image): each model is loaded once."""
     from .worker import Worker
 
     if not items:
         return
+    first = {}
+    for it in items:
+        first.setdefault(it.model, len(first))
     worker = Worker(folders, device, dtype)
-    for item in items:
-        try:
-            yield item, worker.generate(item)
-        except (ValueError, RuntimeError, FloatingPointError) as e:  # e.g. NaN, out of memory
-            raise ItemError(f"line {item.line} (item {item.id}): {e}") from e
+    for item in sorted(items, key=lambda it: first[it.model]):
+        _, outputs = worker.run(item)
+        yield item, outputs
 
 
 def _bar(total: int, initial: int, shard: Shard, progress: bool):

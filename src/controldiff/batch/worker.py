@@ -6,7 +6,12 @@ import io
 
 from .manifest import Output
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "ItemError"]
+
+
+class ItemError(RuntimeError):
+    """An item failed while generating (e.g. NaN, out of memory); the items finished before it
+    are kept."""
 
 
 class Worker:
@@ -48,5 +53,8 @@ class Worker:
         return outputs
 
     def run(self, item) -> tuple[str, list[Output]]:
-        """``(item.id, its outputs)``: a Ray task's answer."""
-        return item.id, self.generate(item)
+        """``(item.id, its outputs)``; a failure is an :class:`ItemError` naming the line."""
+        try:
+            return item.id, self.generate(item)
+        except (ValueError, RuntimeError, FloatingPointError) as e:
+            raise ItemError(f"line {item.line} (item {item.id}): {e}") from e
