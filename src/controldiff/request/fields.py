@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Optional, Sequence
 
 
