@@ -225,8 +225,7 @@ def analyse(pixels: np.ndarray) -> tuple[str, tuple[Blob, ...]]:
 def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
     """``classify(cover, mask) -> (shape, size)`` reads each blob's silhouette (its coverage
     and its pixels over one half, cropped to its bounding box)."""
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                             pixels[2:-2, :2].reshape(-1, 3), pixels[2:-2, -2:].reshape(-1, 3)])
+    border = _border(pixels)
     votes = _nearest_colour(border)
     bg_index = int(np.bincount(votes, minlength=len(_NAMES)).argmax())
     bg_pixels = border[votes == bg_index]
@@ -237,7 +236,10 @@ def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
     work = ndimage.gaussian_filter(pixels, sigma=(1, 1, 0)) if noise > 4 else pixels
     dist = np.linalg.norm(work - bg, axis=-1)
     others = np.delete(_RGB, bg_index, axis=0)
-    seed_threshold = 0.5 * float(np.linalg.norm(others - bg, axis=-1).min())
+    # Objects stand out by half the gap to the nearest other colour, and well above what
+    # the background itself wanders (nothing stands out of a picture of pure noise).
+    seed_threshold = max(0.5 * float(np.linalg.norm(others - bg, axis=-1).min()),
+                         4 * float(np.median(_border(dist[..., None]))))
     labels, _ = ndimage.label(dist > seed_threshold)
     blobs = []
     taken = np.zeros(dist.shape, bool)
@@ -249,6 +251,12 @@ def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
                 blobs.append(blob)
     blobs.sort(key=lambda b: -b.area)
     return _NAMES[bg_index], tuple(blobs)
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    """The pixels of a 2-pixel ring around the picture, (N, channels)."""
+    c = a.shape[-1]
+    return np.concatenate([a[:2].reshape(-1, c), a[-2:].reshape(-1, c), a[2:-2, :2].reshape(-1, c), a[2:-2, -2:].reshape(-1, c)])
 
 
 _MIN_SEED = 6  # pixels: specks below this are noise, not objects
@@ -303,12 +311,13 @@ def _features(cover: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def _solidity(mask: np.ndarray) -> float:
     """Area over convex-hull area, with pixels as unit squares (1 for a convex shape)."""
     rows = np.nonzero(mask.any(axis=1))[0]
-    points = []
-    for r in rows:
-        c = np.nonzero(mask[r])[0]
-        points += [(c[0], r), (c[0], r + 1), (c[-1] + 1, r), (c[-1] + 1, r + 1)]
-    hull = _convex_hull(sorted(set(points)))
-    x, y = np.array(hull, float).T
+    left = mask[rows].argmax(axis=1)
+    right = mask.shape[1] - mask[rows, ::-1].argmax(axis=1)
+    # Each row's outer pixel corners; only a row's two ends can be on the hull.
+    ys = np.concatenate([rows, rows + 1, rows, rows + 1])
+    xs = np.concatenate([left, left, right, right])
+    points = sorted(set(zip(xs.tolist(), ys.tolist())))
+    x, y = np.array(_convex_hull(points), float).T
     hull_area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
     return float(mask.sum() / hull_area) if hull_area > 0 else 1.0
 
