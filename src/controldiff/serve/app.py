@@ -46,11 +46,12 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         from ..outputs import plan
-        from ..request import Folders
+        from ..request import Limits
 
         config.check()
         self.config = config
-        self.folders = Folders(models=list(config.models), loras=list(config.loras),
+        self.limits_ = Limits(max_pixels=config.max_pixels, max_images=config.max_images)
+        self.folders = library.ConfinedFolders(models=list(config.models), loras=list(config.loras),
                                embeddings=list(config.embeddings), controlnets=list(config.controlnets),
                                default_model=config.model)
         self.outputs = plan(str(config.outputs).rstrip("/\\") + os.sep, 1, flag="--outputs")
@@ -62,43 +63,33 @@ class Server:
                                         "samples_format": "png", "outdir_samples": ""}
 
     # ---- the one way in
-    def limits(self, data: Any, images_key: str = "num_images") -> None:
-        """Uploads and the output size within the limits, before anything decodes them."""
-        c = self.config
-        found = check_uploads(data, c.max_pixels)
+    def check_uploads(self, data: Any) -> None:
+        """A1111 bodies: their images within the pixel limit before the mapping decodes them (the
+        native parse checks its own)."""
+        found = check_uploads(data, self.config.max_pixels)
         if found is not None:
             raise Refused(found[0], found[1])
-        if not isinstance(data, dict):
-            return
-        w, h = data.get("width"), data.get("height")
-        if isinstance(w, int) and isinstance(h, int) and w * h > c.max_pixels:
-            raise Refused(["width"], f"{w}x{h} = {w * h} pixels exceeds the limit of {c.max_pixels} pixels")
-        n = data.get(images_key)
-        if isinstance(n, int) and n > c.max_images:
-            raise Refused([images_key], f"{n} images exceed the limit of {c.max_images} per request")
 
     def parse(self, data: dict, to_loc=_loc):
         from ..request import RequestError, parse
 
         try:
-            return parse(data, folders=self.folders)
+            request = parse(data, folders=self.folders, limits=self.limits_)
         except RequestError as e:
             field = getattr(e, "field", "") or ""
             message = getattr(e, "message", None) or str(e)
             raise Refused(to_loc(field), message) from None
+        for name, tag in request.tagged.items():   # the prompt's <lora:...> tags, found by file name
+            if not any(library.inside(tag.path, f) for f in self.folders.loras):
+                raise Refused(to_loc("prompt"), f"{tag.tag}: no LoRA named {name!r} in the configured folders")
+        return request
 
     def submit(self, request, keep_pngs: bool = False) -> Job:
-        n = len(request.seeds)
-        if n > self.config.max_images:
-            raise Refused(["num_images"], f"{n} images exceed the limit of {self.config.max_images} per request")
-        return self.store.submit(Job(request, n, keep_pngs=keep_pngs))
+        return self.store.submit(Job(request, len(request.seeds), keep_pngs=keep_pngs))
 
-    # ---- names
-    def model_names(self) -> list[str]:
-        return library.model_names(self.config.models)
-
-    def controlnet_names(self) -> list[str]:
-        return library.controlnet_names(self.config.controlnets)
+    def names(self, kind: str) -> list[str]:
+        """What requests may name: "models", "loras", "embeddings", "controlnets"."""
+        return self.folders.names(kind)
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -150,21 +141,11 @@ def _native_routes(app: FastAPI, server: Server) -> None:
 
         return schema()
 
-    @app.get(f"{NATIVE}/models")
-    def models():
-        return server.model_names()
+    def lister(kind):
+        return lambda: server.names(kind)
 
-    @app.get(f"{NATIVE}/loras")
-    def loras():
-        return list(library.lora_names(server.config.loras))
-
-    @app.get(f"{NATIVE}/embeddings")
-    def embeddings():
-        return list(library.embedding_names(server.config.embeddings))
-
-    @app.get(f"{NATIVE}/controlnets")
-    def controlnets():
-        return server.controlnet_names()
+    for kind in ("models", "loras", "embeddings", "controlnets"):
+        app.get(f"{NATIVE}/{kind}", name=kind)(lister(kind))
 
     @app.get(f"{NATIVE}/samplers")
     def samplers():
@@ -174,7 +155,6 @@ def _native_routes(app: FastAPI, server: Server) -> None:
     def submit(data: Any = Body(...)):
         if not isinstance(data, dict):
             raise Refused([], "expected a JSON object (a request)")
-        server.limits(data)
         return {"id": server.submit(server.parse(data)).id}
 
     @app.get(f"{NATIVE}/jobs/{{job_id}}")
@@ -206,7 +186,7 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
     async def generate(body: Any, mode: str):
         if not isinstance(body, dict):
             raise Refused([], "expected a JSON object")
-        server.limits(body, images_key="batch_size")
+        server.check_uploads(body)
 
         def prepare():
             try:
@@ -258,9 +238,9 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
             raise Refused([], "expected a JSON object of option -> value")
         if "sd_model_checkpoint" in body:
             name = a1111.strip_hash(body["sd_model_checkpoint"] or "")
-            if name != server.default_title and name not in server.model_names():
+            if name != server.default_title and name not in server.names("models"):
                 raise Refused(["sd_model_checkpoint"], f"unknown model {name!r}; one of: "
-                              + ", ".join([server.default_title, *server.model_names()]))
+                              + ", ".join([server.default_title, *server.names("models")]))
             body = {**body, "sd_model_checkpoint": name}
         v = body.get("CLIP_stop_at_last_layers", 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -270,8 +250,8 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
 
     @app.get(f"{base}/sd-models")
     def sd_models():
-        names = [server.default_title] + [n for n in server.model_names() if n != server.default_title]
-        return [{"title": n, "model_name": Path(n).stem if Path(n).suffix in library.MODEL_FILES else n,
+        names = [server.default_title] + [n for n in server.names("models") if n != server.default_title]
+        return [{"title": n, "model_name": Path(n).stem if Path(n).suffix in (".safetensors", ".ckpt") else n,
                  "hash": None, "sha256": None, "filename": n, "config": None} for n in names]
 
     @app.post(f"{base}/refresh-checkpoints")
@@ -288,13 +268,13 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
 
     @app.get(f"{base}/loras")
     def loras():
-        return [{"name": n, "alias": n, "path": str(p.relative_to(_root(p, server.config.loras))), "metadata": {}}
-                for n, p in library.lora_names(server.config.loras).items()]
+        return [{"name": n, "alias": n, "path": _relative(server.folders.find("loras", n), server.config.loras),
+                 "metadata": {}} for n in server.names("loras")]
 
     @app.get(f"{base}/embeddings")
     def embeddings():
         return {"loaded": {n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                               "vectors": None} for n in library.embedding_names(server.config.embeddings)},
+                               "vectors": None} for n in server.names("embeddings")},
                 "skipped": {}}
 
     @app.get(f"{base}/scripts")
@@ -307,7 +287,7 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
 
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise Refused(["image"], "expected a base64 PNG or data URL")
-        server.limits(body)
+        server.check_uploads(body)
         try:
             im = a1111._image(body["image"], ("image",))
         except a1111.FieldError as e:
@@ -320,7 +300,7 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
     # sd-webui-controlnet's own routes, as webuiapi's ControlNet helpers call them
     @app.get("/controlnet/model_list")
     def controlnet_models():
-        return {"model_list": server.controlnet_names()}
+        return {"model_list": server.names("controlnets")}
 
     @app.get("/controlnet/module_list")
     def controlnet_modules():
@@ -331,6 +311,7 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
         return {"version": 2}
 
 
-def _root(path: Path, folders) -> Path:
-    """The folder of ``folders`` that ``path`` was found in."""
-    return next((Path(f) for f in folders if path.is_relative_to(f)), path.parent)
+def _relative(path: Path, folders) -> str:
+    """``path`` inside the folder of ``folders`` it was found in (no server paths shown)."""
+    root = next((Path(f) for f in folders if path.is_relative_to(f)), path.parent)
+    return path.relative_to(root).as_posix()

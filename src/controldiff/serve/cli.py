@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
                    help="weights dtype (default auto, as for generate)")
     s.add_argument("--max-upload-bytes", type=_positive_int, default=64 * 1024 * 1024, metavar="N",
                    dest="max_upload_bytes", help="largest request body (default 64 MiB)")
-    s.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096, metavar="N", dest="max_pixels",
-                   help="largest uploaded image and output, in pixels (default 4096x4096)")
+    s.add_argument("--max-pixels", type=_positive_int, default=2048 * 2048, metavar="N", dest="max_pixels",
+                   help="largest uploaded image and output, in pixels (default 2048x2048)")
     s.add_argument("--max-images", type=_positive_int, default=64, metavar="N", dest="max_images",
                    help="most images per request (default 64)")
     s.set_defaults(func=cmd_serve)

@@ -43,8 +43,8 @@ class ServerConfig:
     devices: tuple[str, ...] = ("auto",)
     dtype: str = "auto"
     max_upload_bytes: int = 64 * MiB     # a whole request body
-    max_pixels: int = 4096 * 4096        # an uploaded image, and width * height of an output
-    max_images: int = 64                 # per request
+    max_pixels: int = 2048 * 2048        # an uploaded image, and width * height of an output
+    max_images: int = 64                 # per request (controldiff.request.Limits' defaults)
     preview_every: int = 2               # steps between preview images (0: none)
     keep_jobs: int = 1000                # finished jobs remembered (oldest forgotten first)
 

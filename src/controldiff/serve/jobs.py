@@ -1,7 +1,7 @@
 """The queue: jobs wait in one FIFO, one worker thread per device takes them in turn.
 
 A worker owns its loaded pipeline (kept by model path; a request for another model replaces it),
-runs the request through :meth:`GenerationRequest.run` (the one generation path), reports each
+runs the request through :meth:`GenerationRequest.results` (the one generation path), reports each
 step (with a preview every few steps) and stops at the next step once asked to cancel. Every
 finished image is saved through :mod:`controldiff.outputs` (claimed numbered names, written
 atomically, never overwritten), its settings in the PNG.
@@ -151,11 +151,11 @@ class Worker(threading.Thread):
             self.store.last = job
         try:
             pipe = self.pipeline(job.request.model)
-            results = job.request.run(pipe, on_step=self._on_step(job, pipe))
-            for r in results:
+            cancelled = False
+            for r in job.request.results(pipe, on_step=self._on_step(job, pipe)):  # each saved when done
                 self._keep(job, r)
-            cancelled = job.cancel_requested.is_set() or any(r.cancelled for r in results)
-            self._finish(job, CANCELLED if cancelled else DONE)
+                cancelled = cancelled or r.cancelled
+            self._finish(job, CANCELLED if cancelled or job.cancel_requested.is_set() else DONE)
         except Exception as e:  # the job fails, the worker goes on with the next one
             traceback.print_exc()
             job.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)

@@ -9,15 +9,12 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Optional
 
-from ..text.extra_networks import EMBEDDING_EXTENSIONS, LORA_EXTENSIONS
+from ..request import Folders
 
-__all__ = ["inside", "model_names", "controlnet_names", "file_names", "lora_names", "embedding_names",
-           "output_file", "gallery"]
+__all__ = ["inside", "ConfinedFolders", "output_file", "gallery"]
 
-MODEL_FILES = (".safetensors", ".ckpt")
-CONTROLNET_FILES = (".safetensors", ".pth", ".ckpt", ".bin")
 _OUTPUT_NAME = re.compile(r"[\w][\w.-]*\.png")
 _SEED = re.compile(r"\d+-(\d+)\.png")
 
@@ -30,49 +27,19 @@ def inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _entries(folders: Sequence[Path], keep) -> list[str]:
-    names: list[str] = []
-    for folder in folders:
-        if not Path(folder).is_dir():
-            continue
-        for p in sorted(Path(folder).iterdir()):
-            if not p.name.startswith(".") and inside(p, folder) and keep(p) and p.name not in names:
-                names.append(p.name)
-    return names
+class ConfinedFolders(Folders):
+    """:class:`controldiff.request.Folders` that also refuses what only a symlink puts in a
+    folder: a name resolves (and is listed) only when its target lies inside one of the
+    folders of its kind."""
 
+    def find(self, kind: str, name: str) -> Optional[Path]:
+        path = super().find(kind, name)
+        if path is None or not any(inside(path, f) for f in getattr(self, kind)):
+            return None
+        return path
 
-def model_names(folders: Sequence[Path]) -> list[str]:
-    """Model folders (holding ``model_index.json``) and single files directly in ``folders``."""
-    return _entries(folders, lambda p: (p / "model_index.json").is_file()
-                    or (p.is_file() and p.suffix.lower() in MODEL_FILES))
-
-
-def controlnet_names(folders: Sequence[Path]) -> list[str]:
-    """ControlNet / T2I-Adapter folders (holding ``config.json``) and files directly in ``folders``."""
-    return _entries(folders, lambda p: (p / "config.json").is_file()
-                    or (p.is_file() and p.suffix.lower() in CONTROLNET_FILES))
-
-
-def _files(folders: Sequence[Path], extensions: Iterable[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for folder in folders:
-        for p in sorted(Path(folder).rglob("*")) if Path(folder).is_dir() else ():
-            if p.suffix.lower() in extensions and p.is_file() and inside(p, folder):
-                out.setdefault(p.stem, p)
-    return out
-
-
-def file_names(folders: Sequence[Path], extensions: Iterable[str]) -> dict[str, Path]:
-    """NAME -> file for files NAME.EXT anywhere under ``folders`` (the first folder wins a name)."""
-    return _files(folders, tuple(extensions))
-
-
-def lora_names(folders: Sequence[Path]) -> dict[str, Path]:
-    return file_names(folders, LORA_EXTENSIONS)
-
-
-def embedding_names(folders: Sequence[Path]) -> dict[str, Path]:
-    return file_names(folders, EMBEDDING_EXTENSIONS)
+    def names(self, kind: str) -> list[str]:
+        return [n for n in super().names(kind) if self.find(kind, n) is not None]
 
 
 def output_file(folder: Path, name: str) -> Path:

@@ -22,10 +22,6 @@ from PIL import Image
 __all__ = ["Guard", "check_uploads", "image_strings", "decode_base64"]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Guard:
     """ASGI middleware: token check, then the body size limit."""
 
@@ -46,29 +42,31 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _reply(send, 413, f"request body of {int(length)} bytes exceeds the limit of "
                                            f"{self.max_body} bytes")
-        received = 0
+        received, refused = 0, False
 
         async def limited():
-            nonlocal received
+            # over the limit: answer 413 here and tell the app the client left
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise _TooLarge()
+                    refused = True
+                    await _reply(send, 413, f"request body exceeds the limit of {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
 
         try:
-            await self.app(scope, limited, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _reply(send, 413, f"request body exceeds the limit of {self.max_body} bytes")
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
     def _authorized(self, header: str) -> bool:
         kind, _, value = header.partition(" ")
