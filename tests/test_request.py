@@ -240,6 +240,9 @@ BAD = [
     ({"model": "tiny/../../x"}, "model", "leaves them"),
     ({"model": "..\\x"}, "model", "leaves them"),
     ({"model": "/etc"}, "model", "absolute path"),
+    ({"model": "."}, "model", "got '.'"),
+    ({"model": "tiny//unet"}, "model", "as listed"),
+    ({"model": ""}, "model", "expected a name"),
     ({"model": "C:\\models\\x"}, "model", "absolute path"),
     ({"loras": [{"name": "../loras/style"}]}, "loras.0.name", "leaves them"),
     ({"loras": [{"name": "/tmp/style"}]}, "loras.0.name", "absolute path"),
@@ -359,6 +362,8 @@ def test_folders_list_the_names_they_resolve(world):
     f = world.folders
     assert f.names("models") == ["tiny"] and f.names("controlnets") == ["edges"]
     assert f.names("loras") == ["style"] and f.names("embeddings") == ["toy"]
+    # the parts of a model folder (unet/, vae/ have a config.json too) are no ControlNets
+    assert Folders(controlnets=[world.root / "models"]).names("controlnets") == []
     req = parse({"model": "tiny", "loras": [{"name": "style"}], "embeddings": ["toy"]}, folders=f)
     assert req.model == world.model and req.loras == [(world.root / "loras" / "style.safetensors", 1.0)]
     assert req.embeddings == [(world.root / "emb" / "toy.safetensors", "toy")]

@@ -72,11 +72,17 @@ class Folders:
             return list(dict.fromkeys(found))
         out: list[str] = []
         for folder in map(Path, getattr(self, kind)):
-            dirs = [p for p in sorted(folder.rglob(_MARKER[kind])) if p.is_file()]
-            roots = [p.parent for p in dirs]
-            out += [r.relative_to(folder).as_posix() for r in roots if r != folder]
+            pipelines = [m.parent for m in folder.rglob("model_index.json") if m.is_file()]
+            roots: list[Path] = []
+            for marker in sorted(folder.rglob(_MARKER[kind])):   # parents sort before what they hold
+                d = marker.parent
+                if marker.is_file() and d != folder and not any(r == d or r in d.parents for r in roots) \
+                        and not any(p in d.parents for p in pipelines):   # not a part of a model (unet/, vae/)
+                    roots.append(d)
+            hidden = roots + pipelines
+            out += [r.relative_to(folder).as_posix() for r in roots]
             out += [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-                    if p.is_file() and p.suffix.lower() in _WEIGHTS and not any(r in p.parents for r in roots)]
+                    if p.is_file() and p.suffix.lower() in _WEIGHTS and not any(h in p.parents for h in hidden)]
         return list(dict.fromkeys(out))
 
 

@@ -357,7 +357,8 @@ class Image(Field):
 
 
 def check_name(name, at: str) -> str:
-    """A name inside a folder: relative, no ``..``, no drive, no NUL (so it cannot leave it)."""
+    """A name inside a folder: relative, no ``..``, ``.`` or empty parts, no drive, no NUL (so it
+    cannot leave the folder, nor name the folder itself)."""
     if not isinstance(name, str) or not name.strip():
         raise RequestError(at, f"expected a name, got {_got(name)}")
     parts = re.split(r"[\\/]", name)
@@ -366,6 +367,8 @@ def check_name(name, at: str) -> str:
         raise RequestError(at, f"expected a name inside the configured folders, got the absolute path {name!r}")
     if ".." in parts or "\0" in name:
         raise RequestError(at, f"expected a name inside the configured folders, got {name!r}, which leaves them")
+    if any(p in ("", ".") for p in parts):
+        raise RequestError(at, f"expected a name inside the configured folders (as listed), got {name!r}")
     return name
 
 
