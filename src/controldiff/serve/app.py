@@ -224,10 +224,6 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
             server.store.cancel(j)
         return {}
 
-    @app.post(f"{base}/skip")
-    def skip():
-        return interrupt()
-
     @app.get(f"{base}/options")
     def get_options():
         return dict(server.options)
