@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from controldiff.demo import scenes
@@ -47,6 +47,17 @@ def test_judge_reads_the_blobs_it_reports():
     assert abs(star.centre[0] - 16) <= 1.5 and abs(cross.centre[1] - 48) <= 1.5
     assert star.area > cross.area  # the large star outweighs the small cross
     assert [o.blob for o in v.objects] == [star, cross]
+    assert v.objects[0].marks == {"present": True, "colour": True, "shape": True, "position": True, "size": True}
+
+
+def test_touching_objects_of_two_colours_are_two_blobs():
+    """A model may draw objects that touch; the generator never does, so draw them by hand."""
+    img = Image.new("RGB", (scenes.SIZE, scenes.SIZE), COLOURS["white"])
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([6, 6, 27, 27], fill=COLOURS["red"])
+    draw.ellipse([28, 4, 52, 28], fill=COLOURS["blue"])
+    v = judge(img, "a large red square at the top left and a large blue circle at the top right on a white background")
+    assert v.correct, (v.wrong, v.blobs)
 
 
 # --- what a small model's pictures suffer -----------------------------------------------------
@@ -88,8 +99,12 @@ def specks(img, rng):
     return Image.fromarray(arr)
 
 
+def soft_and_noisy(img, rng):
+    return noisy(15)(img.filter(ImageFilter.GaussianBlur(1)), rng)
+
+
 PERTURBATIONS = {"noise 10": noisy(10), "noise 20": noisy(20), "blur 1.5": blurred, "shift 3": shifted,
-                 "jpeg 75": jpeg, "off colours": off_colours, "specks": specks}
+                 "jpeg 75": jpeg, "off colours": off_colours, "specks": specks, "blur 1 + noise 15": soft_and_noisy}
 
 
 @pytest.mark.parametrize("name", PERTURBATIONS)

@@ -1,12 +1,13 @@
 """A pixel-analysis judge for the synthetic scenes: does an image show what its caption asks?
 
-No learned weights, so the judge cannot share a model's blind spots: it finds the background
-(the border's colour), the foreground blobs (pixels nearer some other colour than the
-background, connected, specks dropped), and reads each blob's colour (nearest named colour),
-size (bounding-box extent), position (bounding-box centre -> nearest named position) and shape
-(nearest of the shapes ``scenes.render`` itself draws, sharp and blurred, compared as small
-normalised silhouettes plus convexity). Blobs are matched to the caption's objects by the
-assignment that agrees on the most attributes.
+No learned weights, so the judge cannot share a model's blind spots. It finds the background
+(the border's commonest colour), the foreground blobs (pixels well away from the background,
+connected, specks dropped; each grown to where its own colour covers half a pixel), and reads
+each blob's colour (the named colour it is, or is blended from with the background), position
+(bounding-box centre -> nearest named position), and shape and size together: the nearest of
+the references ``scenes.render`` itself draws (every shape at both sizes, sharp and blurred),
+compared on the silhouette scaled to 8x8, its convexity and its area. Blobs are matched to
+the caption's objects by the assignment that agrees on the most attributes.
 
     v = judge(image, "a small red circle at the top left on a blue background")
     v.scores  # {"colour": 1.0, "shape": 1.0, "position": 1.0, "size": 1.0, "present": 1.0,
@@ -27,12 +28,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import COLOURS, MAX_OBJECTS, NEW_SHAPES, POSITIONS, SHAPES, SIZE, SIZES, Scene, Thing, masks, render
+from .scenes import COLOURS, MAX_OBJECTS, NEW_SHAPES, POSITIONS, SHAPES, SIZE, SIZES, Scene, Thing, render
 
 _NAMES = list(COLOURS)
 _RGB = np.array([COLOURS[c] for c in _NAMES], np.float32)
 _ALL_SHAPES = SHAPES + NEW_SHAPES
-_POSITION_WORDS = {w for p in POSITIONS for w in p.split()}
 _TEMPLATE = 8  # silhouettes compared at 8x8: enough for a triangle's apex or a star's points
 _ATTRIBUTES = ("colour", "shape", "position", "size")
 
@@ -118,6 +118,11 @@ class ObjectVerdict:
     def correct(self, attribute: str) -> Optional[bool]:
         """Whether the matched blob has the caption's ``attribute``; None when absent."""
         return None if self.blob is None else getattr(self.blob, attribute) == getattr(self.thing, attribute)
+
+    @property
+    def marks(self) -> dict[str, Optional[bool]]:
+        """present, and colour/shape/position/size right (None when absent)."""
+        return {"present": self.present, **{a: self.correct(a) for a in _ATTRIBUTES}}
 
 
 @dataclass(frozen=True)
@@ -245,10 +250,19 @@ def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
     taken = np.zeros(dist.shape, bool)
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
         seed = labels == index
-        if seed.sum() >= _MIN_SEED:
-            blob = _blob(work, bg, dist, seed, window, taken, classify)
-            if blob is not None:
-                blobs.append(blob)
+        if seed.sum() < _MIN_SEED:
+            continue
+        while (blob := _blob(work, bg, dist, seed, window, taken, classify)) is not None:
+            blobs.append(blob)
+            # Touching objects of two colours share a seed: what the first one leaves (less
+            # its blended rim) may be another.
+            rest, n = ndimage.label(seed & ~ndimage.binary_dilation(taken, iterations=2))
+            if not n:
+                break
+            sizes = np.bincount(rest.ravel())[1:]
+            if sizes.max() < _MIN_AREA:
+                break
+            seed = rest == sizes.argmax() + 1
     blobs.sort(key=lambda b: -b.area)
     return _NAMES[bg_index], tuple(blobs)
 
@@ -261,6 +275,7 @@ def _border(a: np.ndarray) -> np.ndarray:
 
 _MIN_SEED = 6  # pixels: specks below this are noise, not objects
 _MIN_AREA = 20  # the smallest object drawn (a small star) has about 60
+_OFF_LINE = 0.4  # of the colour's distance to the background: farther is another colour
 _MAX_AREA = SIZE * SIZE // 4  # the largest (a large square) has 462; more is a failed background
 
 
@@ -274,7 +289,12 @@ def _blob(work, bg, dist, seed, window, taken, classify) -> Optional[Blob]:
     y0, y1 = max(ys.start - 3, 0), min(ys.stop + 3, SIZE)
     x0, x1 = max(xs.start - 3, 0), min(xs.stop + 3, SIZE)
     axis = rgb - bg
-    cover = np.clip(((work[y0:y1, x0:x1] - bg) @ axis) / float(axis @ axis), 0, 1)
+    offset = work[y0:y1, x0:x1] - bg
+    cover = np.clip((offset @ axis) / float(axis @ axis), 0, 1)
+    # ...and near the line from the background to it: a touching object of another colour
+    # may project past one half too.
+    off_line = np.linalg.norm(offset - cover[..., None] * axis, axis=-1)
+    cover[off_line > _OFF_LINE * np.linalg.norm(axis)] = 0
     solid = cover > 0.5
     parts, _ = ndimage.label(solid)
     keep = np.unique(parts[seed[y0:y1, x0:x1] & solid])
