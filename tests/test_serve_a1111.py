@@ -157,6 +157,10 @@ def test_lists_and_options(api, server):
     ({"alwayson_scripts": {"ControlNet": {"args": [{"module": "canny", "model": "cn"}]}}},
      ["alwayson_scripts", "ControlNet", "args", 0, "module"]),
     ({"alwayson_scripts": {"adetailer": {"args": [True]}}}, ["alwayson_scripts", "adetailer"]),
+    ({"override_settings": ["CLIP_stop_at_last_layers", 2]}, ["override_settings"]),
+    ({"seed": "lucky"}, ["seed"]),
+    ({"batch_size": 100}, ["batch_size"]),
+    ({"width": 4096, "height": 4096}, ["width"]),
 ])
 def test_errors_name_the_a1111_field(server, body, loc):
     r = httpx.post(f"http://127.0.0.1:{server[0]}/sdapi/v1/txt2img",

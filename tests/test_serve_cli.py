@@ -32,7 +32,7 @@ def test_options_reach_the_server(tmp_path, started, monkeypatch):
     assert c.models == [tmp_path / "models"] and c.loras == [tmp_path / "loras"]
     assert c.embeddings == [tmp_path / "embeddings"] and c.controlnets == [tmp_path / "controlnets"]
     assert (c.max_pixels, c.max_images) == (4096, 3) and (tmp_path / "out").is_dir()
-    assert app.state.server.limits_.max_images == 3
+    assert app.state.server.limits.max_images == 3
 
 
 @pytest.mark.parametrize("args, message", [

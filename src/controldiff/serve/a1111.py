@@ -111,8 +111,12 @@ def to_native(body: dict, mode: str, options: dict, default_title: str) -> dict:
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] not in allowed:
             raise FieldError((key,), f"not supported by this server (only {allowed[0]!r}), got {body[key]!r}")
-    settings = {**options, **(body.get("override_settings") or {})}
-    out: dict[str, Any] = {"prompt": "" if body.get("prompt") is None else body["prompt"], "negative_prompt": body.get("negative_prompt") or None}
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise FieldError(("override_settings",), f"expected an object of option -> value, got {overrides!r}")
+    settings = {**options, **overrides}
+    out: dict[str, Any] = {"prompt": "" if body.get("prompt") is None else body["prompt"],
+                           "negative_prompt": body.get("negative_prompt") or None}
     for a1111, native, kind in (("steps", "num_inference_steps", int), ("cfg_scale", "guidance_scale", float),
                                 ("width", "width", int), ("height", "height", int)):
         v = _number(body, a1111, kind)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -38,6 +38,7 @@ class Refused(Exception):
 
 
 def _loc(field: str) -> list:
+    """``"controls.1.scale"`` -> ``["controls", 1, "scale"]``."""
     return [int(p) if p.isdigit() else p for p in field.split(".")] if field else []
 
 
@@ -50,10 +51,10 @@ class Server:
 
         config.check()
         self.config = config
-        self.limits_ = Limits(max_pixels=config.max_pixels, max_images=config.max_images)
-        self.folders = library.ConfinedFolders(models=list(config.models), loras=list(config.loras),
-                               embeddings=list(config.embeddings), controlnets=list(config.controlnets),
-                               default_model=config.model)
+        self.limits = Limits(max_pixels=config.max_pixels, max_images=config.max_images)
+        self.folders = library.ConfinedFolders(
+            models=list(config.models), loras=list(config.loras), embeddings=list(config.embeddings),
+            controlnets=list(config.controlnets), default_model=config.model)
         self.outputs = plan(str(config.outputs).rstrip("/\\") + os.sep, 1, flag="--outputs")
         self.store = JobStore(keep=config.keep_jobs)
         self.workers = [Worker(self.store, d, config.dtype, self.outputs, OUTPUTS_URL, config.preview_every)
@@ -74,7 +75,7 @@ class Server:
         from ..request import RequestError, parse
 
         try:
-            request = parse(data, folders=self.folders, limits=self.limits_)
+            request = parse(data, folders=self.folders, limits=self.limits)
         except RequestError as e:
             field = getattr(e, "field", "") or ""
             message = getattr(e, "message", None) or str(e)
