@@ -10,7 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
@@ -149,3 +151,17 @@ def test_twenty_concurrent_clients_lose_nothing(server):
     assert found == expected
     assert keep.read_bytes() == keep_bytes
     assert not list(config.outputs.glob(".*.part"))
+
+
+@pytest.mark.parametrize("family, row", [("sd1", (0.298, 0.207, 0.208)), ("sdxl", (0.3448, 0.4168, 0.4395))])
+def test_preview_is_a1111s_cheap_approximation(family, row):
+    from controldiff.serve.preview import preview_image
+
+    latents = torch.zeros(2, 4, 3, 5)
+    latents[0, 0, 1, 2] = 1.0            # one latent pixel of channel 0
+    im = preview_image(family, 8, latents)
+    assert im.size == (40, 24)
+    px = np.asarray(im)
+    assert tuple(px[8 * 1 + 3, 8 * 2 + 3]) == tuple(round((v + 1) * 127.5) for v in row)
+    assert tuple(px[0, 0]) == (128, 128, 128)     # latent 0 is mid-grey
+    assert preview_image(family, 8, torch.zeros(1, 16, 3, 5)) is None
