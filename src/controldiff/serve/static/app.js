@@ -118,8 +118,8 @@ function widget(key, raw, ctx = {}) {
   const { schema: s, nullable } = choose(raw);
   const required = !!ctx.required;
   if (isImage(key, s)) return imageWidget(key, s, required);
-  if (ctx.inControl && key === "model" && s.type === "string" && !s.enum)
-    return selectWidget(key, s, lists.controlnets, required);
+  const folder = s["x-controldiff-folder"];  // a name listed by GET /controldiff/v1/<folder>
+  if (folder && lists[folder] && s.type === "string") return selectWidget(key, s, lists[folder], required);
   if (s.enum) return selectWidget(key, s, s.enum, required || !nullable && s.default === undefined);
   if (s.type === "boolean") return checkWidget(key, s);
   if (s.type === "integer" || s.type === "number") return numberWidget(key, s, required);
@@ -243,7 +243,7 @@ function objectWidget(key, s, ctx) {
   for (const [name, prop] of Object.entries(s.properties || {})) {
     const p = deref(prop);
     if (name === "type" && (p.const !== undefined || (p.enum && p.enum.length === 1))) continue;
-    fields[name] = widget(name, prop, { inControl: ctx.inControl, required: required.includes(name) });
+    fields[name] = widget(name, prop, { required: required.includes(name) });
     box.append(fields[name].el);
   }
   return {
@@ -273,7 +273,7 @@ function listWidget(key, s, ctx) {
   const box = el("fieldset", { class: "list", "data-key": key }, el("legend", {}, title(key, s)), items);
   const canvas = "box" in (itemSchema.properties || {}) ? boxCanvas(entries, () => add()) : null;
   function add(value) {
-    const item = objectWidget("", itemSchema, { inControl: ctx.inControl, legend: false });
+    const item = objectWidget("", itemSchema, { legend: false });
     const entry = { item, el: el("div", { class: "item" }, item.el) };
     entry.el.append(el("button", { type: "button", class: "remove", onclick: () => {
       entries.splice(entries.indexOf(entry), 1);
@@ -363,7 +363,7 @@ const stack = [];  // [{type, form, el}]
 
 function addControl(type, values) {
   const schema = controlTypes[type];
-  const form = objectWidget("", schema, { inControl: true, legend: false });
+  const form = objectWidget("", schema, { legend: false });
   form.el.removeAttribute("data-key");
   const card = el("div", { class: "control", "data-type": type },
     el("div", { class: "control-head" }, el("strong", {}, type),
@@ -677,6 +677,9 @@ async function start() {
   fillOptions($("lora-pick"), lists.loras);
   fillOptions($("embedding-pick"), lists.embeddings);
   fillOptions($("control-type"), Object.keys(controlTypes));
+  const refused = deref((deref(schema).properties || {}).controls || {}).items || {};
+  for (const [name, why] of Object.entries(deref(refused)["x-refused-controls"] || {}))
+    $("control-type").append(el("option", { value: "", disabled: true, title: why }, `${name} (not over HTTP)`));
   const props = deref(schema).properties || {};
   for (const k of ["width", "height", "num_inference_steps", "guidance_scale", "strength"]) {
     const d = props[k] && choose(props[k]).schema.default;
