@@ -253,6 +253,8 @@ BAD = [
     ({"loras": [{"name": "style"}], "prompt": "x <lora:style:1>"}, "loras.0.name", "also in the prompt"),
     ({"prompt": "x <lora:nope:1>"}, "prompt", "no LoRA file nope"),
     ({"prompt": "x <lora:style:1:0.5>"}, "prompt", "separate text-encoder"),
+    ({"prompt": "x <lora:../loras/style:1>"}, "prompt", "leaves them"),
+    ({"prompt": "x <lora:/abs/style:1>"}, "prompt", "absolute path"),
     ({"embeddings": ["../emb/toy"]}, "embeddings.0", "leaves them"),
     ({"embeddings": ["nope"]}, "embeddings.0", "no embedding named 'nope'"),
     ({"controls": {"type": "SAG"}}, "controls", "expected a list"),
@@ -356,6 +358,29 @@ def test_parse_loads_no_model_and_draws_the_seed_once(world, monkeypatch):
     assert parse({}, folders=Folders(default_model=world.model)).model == world.model
     jpeg = parse({"image": b64(_edges(), "JPEG")}, folders=world.folders).image
     assert jpeg.mode == "RGB" and jpeg.size == (64, 64)
+
+
+class Without(Folders):
+    """Folders that refuse some names (as a server's may: symlinks out of the folder)."""
+
+    def find(self, kind, name):
+        return None if name in ("style", "toy") else super().find(kind, name)
+
+    def names(self, kind):
+        return [n for n in super().names(kind) if n not in ("style", "toy")]
+
+
+def test_prompt_tags_and_words_are_looked_up_through_the_folders(world):
+    f = world.folders
+    req = parse({"prompt": "a toy <lora:style:0.5>", "negative_prompt": "toy"}, folders=f)
+    assert req.text == "a toy " and req.tagged["style"].path == world.root / "loras" / "style.safetensors"
+    assert req.named_embeddings == {"toy": world.root / "emb" / "toy.safetensors"}
+    assert parse({"prompt": "toys"}, folders=f).named_embeddings == {}   # a word, not a part of one
+    without = Without(**vars(f))
+    assert parse({"prompt": "a toy"}, folders=without).named_embeddings == {}
+    with pytest.raises(RequestError) as e:
+        parse({"prompt": "a toy <lora:style:0.5>"}, folders=without)
+    assert e.value.field == "prompt" and "no LoRA file style" in e.value.message
 
 
 def test_folders_list_the_names_they_resolve(world):

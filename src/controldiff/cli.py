@@ -412,6 +412,7 @@ class _Cancel:
 
 def cmd_generate(args) -> int:
     from .loading.hashes import model_hash
+    from .text.extra_networks import embedding_files
     from .loading.inspect import quick_summary  # configs and headers only: checks before the weights load
     from .pipeline import Pipeline
 
@@ -453,7 +454,7 @@ def cmd_generate(args) -> int:
     pipe.prompt_syntax = args.prompt_syntax
     mhash = model_hash(path)
     extras = load_extras(pipe, prompt=prompt, negative=args.negative, loras=loras, tagged=tagged,
-                         embeddings=embeddings, embedding_dirs=args.embedding_dirs,
+                         embeddings=embeddings, named_embeddings=embedding_files(args.embedding_dirs),
                          prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip)
     if png is not None:
         _check_hashes(args, png, mhash, extras.lora_hashes, extras.ti_hashes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 DEMO_MODEL_NAME = "demo (random weights)"
 
@@ -43,12 +43,13 @@ class TaggedLora:
     tag: str
 
 
-def prompt_loras(prompt: str, lora_dirs: Sequence[Path], no_folder: str = "no LoRA folder given"
+def prompt_loras(prompt: str, lora_dirs: Sequence[Path], no_folder: str = "no LoRA folder given",
+                 find: Optional[Callable[[str], Optional[Path]]] = None
                  ) -> tuple[str, dict[str, TaggedLora], list[str]]:
     """The prompt without its extra-network tags (the rest unchanged), the LoRAs its
-    ``<lora:...>`` tags name, found in ``lora_dirs`` (``{name: TaggedLora}``), and the tags
-    left out because they are not LoRAs (hypernetworks...). A bad tag, or a LoRA not found,
-    is a ValueError starting ``prompt:`` (``no_folder`` says why none was searched)."""
+    ``<lora:...>`` tags name, found in ``lora_dirs`` (or by ``find(name)``) as ``{name: TaggedLora}``,
+    and the tags left out because they are not LoRAs (hypernetworks...). A bad tag, or a LoRA not
+    found, is a ValueError starting ``prompt:`` (``no_folder`` says why none was searched)."""
     from .text.extra_networks import LORA_EXTENSIONS, LORA_KINDS, find_file, lora_tags, parse_prompt
 
     text, tags = parse_prompt(prompt)
@@ -58,7 +59,7 @@ def prompt_loras(prompt: str, lora_dirs: Sequence[Path], no_folder: str = "no Lo
         if t.te != t.unet:
             raise ValueError(f"prompt: {t.text}: separate text-encoder and UNet weights are not supported; "
                              "give one weight")
-        path = find_file(t.name, lora_dirs)
+        path = find_file(t.name, lora_dirs) if find is None else find(t.name)
         if path is None:
             where = ", ".join(map(str, lora_dirs)) if lora_dirs else f"nowhere: {no_folder}"
             raise ValueError(f"prompt: {t.text}: no LoRA file {t.name}{'/'.join(LORA_EXTENSIONS)} found; "
@@ -90,15 +91,15 @@ class Extras:
 
 def load_extras(pipe, *, prompt: str, negative: Optional[str], loras: Sequence[tuple[Path, Optional[float]]] = (),
                 tagged: Optional[dict[str, TaggedLora]] = None,
-                embeddings: Sequence[tuple[Path, Optional[str]]] = (), embedding_dirs: Sequence[Path] = (),
+                embeddings: Sequence[tuple[Path, Optional[str]]] = (), named_embeddings: Mapping[str, Path] = {},
                 prompt_syntax: str = "a1111", clip_skip: Optional[int] = None) -> Extras:
-    """Load the LoRAs (files with weights, and the prompt's tags) and the embeddings (files with
-    tokens, and the files of ``embedding_dirs`` whose name is a word of the prompt or negative
-    prompt, as A1111 does); all or nothing: a file that fails unloads the ones before it.
-    ``prompt`` is the prompt without its tags."""
+    """Load the LoRAs (files with weights, and the prompt's tags) and the embeddings: files with
+    tokens, and those of ``named_embeddings`` (name -> file, e.g. ``embedding_files(folders)``)
+    whose name is a word of the prompt or negative prompt, as A1111 does. All or nothing: a file
+    that fails unloads the ones before it. ``prompt`` is the prompt without its tags."""
     from .loading.hashes import embedding_hash, lora_hash
     from .png import format_hashes
-    from .text.extra_networks import embedding_files, used_embeddings
+    from .text.extra_networks import used_embeddings
 
     done, names, tokens = Extras(), [], []
     try:
@@ -116,7 +117,7 @@ def load_extras(pipe, *, prompt: str, negative: Optional[str], loras: Sequence[t
             done.tokens.append(added[0])
             tokens += added
             done.ti_hashes[added[0]] = embedding_hash(path)
-        files = embedding_files(embedding_dirs)
+        files = named_embeddings
         candidates = [n for n in files if n not in pipe.textual_inversions]
         for name in used_embeddings([prompt, negative or ""], candidates):
             done.tokens.append(pipe.load_textual_inversion(files[name], token=name)[0])

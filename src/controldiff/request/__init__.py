@@ -198,6 +198,7 @@ class GenerationRequest:
     data: dict                     # the request as given, with the seed drawn when none was
     text: str = ""                 # the prompt without its tags
     tagged: dict = field(default_factory=dict)   # the prompt's LoRA tags: {name: TaggedLora}
+    named_embeddings: dict = field(default_factory=dict)   # embeddings named by words of the prompts: {name: file}
 
     @property
     def seeds(self) -> list[int]:
@@ -232,7 +233,7 @@ class GenerationRequest:
                  if v is not None}
         syntax = pipe.prompt_syntax
         extras = load_extras(pipe, prompt=self.text, negative=self.negative_prompt, loras=self.loras,
-                             tagged=self.tagged, embeddings=self.embeddings, embedding_dirs=self.folders.embeddings,
+                             tagged=self.tagged, embeddings=self.embeddings, named_embeddings=self.named_embeddings,
                              prompt_syntax=self.prompt_syntax, clip_skip=self.clip_skip)
         try:
             pipe.prompt_syntax = self.prompt_syntax
@@ -257,6 +258,7 @@ def parse(data, *, folders: Folders, limits: Limits = Limits()) -> GenerationReq
     :class:`RequestError` naming the field. Loads no model (reads at most a model's configs)."""
     from ..generation import prompt_loras, random_seed
     from ..noise import SEED_LIMIT
+    from .fields import check_name
 
     if not isinstance(data, dict):
         raise RequestError("", f"expected a JSON object (a request), got {type(data).__name__}")
@@ -273,8 +275,12 @@ def parse(data, *, folders: Folders, limits: Limits = Limits()) -> GenerationReq
     if seed + v["num_images"] > SEED_LIMIT:
         raise RequestError("seed", f"image i uses seed + i, and {seed} + {v['num_images'] - 1} is past the largest "
                                    "seed, 2**64 - 1; lower seed or num_images")
+    def find_lora(name):  # a tag's name, looked up as loras[].name is
+        return folders.find("loras", check_name(name, "prompt"))
+
     try:
-        text, tagged, _ = prompt_loras(v["prompt"], [Path(f) for f in folders.loras], "no LoRA folder is configured")
+        text, tagged, _ = prompt_loras(v["prompt"], [Path(f) for f in folders.loras], "no LoRA folder is configured",
+                                       find_lora)
     except ValueError as e:
         raise RequestError("prompt", str(e).removeprefix("prompt: ")) from None
     for i, (path, _) in enumerate(v["loras"]):
@@ -292,7 +298,16 @@ def parse(data, *, folders: Folders, limits: Limits = Limits()) -> GenerationReq
         seed=seed, num_images=v["num_images"], image=v["image"], mask_image=v["mask_image"], strength=v["strength"],
         clip_skip=v["clip_skip"], prompt_syntax=v["prompt_syntax"], model=None if model is None else Path(model),
         loras=list(v["loras"]), embeddings=[(p, p.stem) for p in v["embeddings"]], controls=list(v["controls"]),
-        folders=folders, data={**data, "seed": seed}, text=text, tagged=tagged)
+        folders=folders, data={**data, "seed": seed}, text=text, tagged=tagged,
+        named_embeddings=_prompt_embeddings(folders, [text, v["negative_prompt"] or ""]))
+
+
+def _prompt_embeddings(folders: Folders, texts: list[str]) -> dict[str, Path]:
+    """The embeddings whose names are words of the prompts, as A1111 loads them."""
+    from ..text.extra_networks import used_embeddings
+
+    found = {n: folders.find("embeddings", n) for n in used_embeddings(texts, folders.names("embeddings"))}
+    return {n: p for n, p in found.items() if p is not None}
 
 
 def _check_size(model: Path, width, height) -> None:
