@@ -91,11 +91,14 @@ def off_colours(img, rng):
 
 
 def specks(img, rng):
-    """Four 2x2 specks of random colour in the background, as a sampler leaves behind."""
+    """Four 2x2 specks of random colour in the background (2 pixels clear of any object), as
+    a sampler leaves behind."""
     arr = np.asarray(img).copy()
-    for _ in range(4):
-        y, x = rng.randrange(0, scenes.SIZE - 2), rng.choice((rng.randrange(0, 3), rng.randrange(scenes.SIZE - 5, scenes.SIZE - 2)))
-        arr[y:y + 2, x:x + 2] = COLOURS[rng.choice(list(COLOURS))]
+    plain = (arr == arr[0, 0]).all(axis=-1)
+    clear = ndimage.binary_erosion(plain, np.ones((6, 6), bool), border_value=1)
+    spots = np.argwhere(clear)
+    for y, x in spots[[rng.randrange(len(spots)) for _ in range(4)]]:
+        arr[y - 1:y + 1, x - 1:x + 1] = COLOURS[rng.choice(list(COLOURS))]
     return Image.fromarray(arr)
 
 
@@ -148,11 +151,13 @@ def changed(kind: str, scene: Scene, rng: random.Random):
     thing = scene.things[i]
     used = {t.colour for t in scene.things} | {scene.background}
     if kind == "colour":
-        return with_thing(scene, i, replace(thing, colour=rng.choice([c for c in COLOURS if c not in (thing.colour, scene.background)])))
+        colours = [c for c in COLOURS if c not in (thing.colour, scene.background)]
+        return with_thing(scene, i, replace(thing, colour=rng.choice(colours)))
     if kind == "shape":
         return with_thing(scene, i, replace(thing, shape=rng.choice([s for s in ALL_SHAPES if s != thing.shape])))
     if kind == "position":
-        return with_thing(scene, i, replace(thing, position=rng.choice(free_positions(scene)))) if free_positions(scene) else None
+        free = free_positions(scene)
+        return with_thing(scene, i, replace(thing, position=rng.choice(free))) if free else None
     if kind == "size":
         return with_thing(scene, i, replace(thing, size=next(z for z in SIZES if z != thing.size)))
     if kind == "background":
@@ -207,7 +212,8 @@ def test_an_empty_picture_or_noise_scores_low():
 
 
 def test_summarize_counts_each_mistake_once():
-    scene = Scene((Thing("red", "circle", "top left", "small"), Thing("green", "square", "bottom right", "large")), "blue")
+    scene = Scene((Thing("red", "circle", "top left", "small"),
+                   Thing("green", "square", "bottom right", "large")), "blue")
     good = judge(render(scene), scene)
     recoloured = judge(render(with_thing(scene, 0, replace(scene.things[0], colour="yellow"))), scene)
     half = judge(render(replace(scene, things=scene.things[1:])), scene)
@@ -246,6 +252,8 @@ def test_judge_rejects_bad_input():
         judge(np.full((64, 64, 3), 2.0), "a small red circle at the center on a blue background")
     with pytest.raises(ValueError, match="'blu'"):
         judge(img, "a small red circle at the center on a blu background")
+    with pytest.raises(ValueError, match="prompt: expected a scene with at least one object"):
+        judge(img, Scene((), "blue"))
 
 
 def test_parse_caption_inverts_the_grammar():

@@ -55,7 +55,8 @@ def parse_caption(text: str) -> Scene:
             raise ValueError(f"caption {text!r}: ended after word {pos}; expected {what} ({_one_of(expected)})")
         word = words[pos]
         if word not in expected:
-            raise ValueError(f"caption {text!r}: cannot read word {pos + 1} {word!r}; expected {what} ({_one_of(expected)})")
+            raise ValueError(f"caption {text!r}: cannot read word {pos + 1} {word!r}; "
+                             f"expected {what} ({_one_of(expected)})")
         pos += 1
         return word
 
@@ -82,7 +83,8 @@ def parse_caption(text: str) -> Scene:
     background = take(list(COLOURS), "a background colour")
     take(("background",), "'background'")
     if pos < len(words):
-        raise ValueError(f"caption {text!r}: cannot read word {pos + 1} {words[pos]!r}; expected the end of the caption")
+        raise ValueError(f"caption {text!r}: cannot read word {pos + 1} {words[pos]!r}; "
+                         "expected the end of the caption")
     return Scene(tuple(things), background)
 
 
@@ -164,6 +166,8 @@ def judge(image: Union[Image.Image, np.ndarray], prompt: Union[str, Scene]) -> V
     scene = parse_caption(prompt) if isinstance(prompt, str) else prompt
     if not isinstance(scene, Scene):
         raise TypeError(f"prompt: expected a caption str or a Scene, got {type(prompt).__name__}")
+    if not scene.things:
+        raise ValueError("prompt: expected a scene with at least one object, got none")
     background, blobs = analyse(_pixels(image))
     return Verdict(scene, background, blobs, _match(scene.things, blobs))
 
@@ -270,7 +274,8 @@ def _analyse(pixels: np.ndarray, classify) -> tuple[str, tuple[Blob, ...]]:
 def _border(a: np.ndarray) -> np.ndarray:
     """The pixels of a 2-pixel ring around the picture, (N, channels)."""
     c = a.shape[-1]
-    return np.concatenate([a[:2].reshape(-1, c), a[-2:].reshape(-1, c), a[2:-2, :2].reshape(-1, c), a[2:-2, -2:].reshape(-1, c)])
+    return np.concatenate([a[:2].reshape(-1, c), a[-2:].reshape(-1, c),
+                           a[2:-2, :2].reshape(-1, c), a[2:-2, -2:].reshape(-1, c)])
 
 
 _MIN_SEED = 6  # pixels: specks below this are noise, not objects
