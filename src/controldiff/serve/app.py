@@ -199,7 +199,11 @@ def _a1111_routes(app: FastAPI, server: Server) -> None:
             return request, server.submit(request, keep_pngs=True)
 
         request, job = await run_in_threadpool(prepare)
-        await asyncio.wrap_future(job.future)
+        try:
+            await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:  # the client left: the job goes on (its images are saved), unheld
+            job.keep_pngs, job.pngs = False, []
+            raise
         if job.state == "failed":
             return JSONResponse({"error": "GenerationError", "detail": job.error, "errors": job.error},
                                 status_code=500)
