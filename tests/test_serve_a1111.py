@@ -3,6 +3,7 @@ tiny model: txt2img, img2img (inpainting too), ControlNet units, progress, inter
 the lists and options; errors named in A1111's field names."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -59,6 +60,14 @@ def test_txt2img_returns_images_with_infotext_and_saves_them(api, server):
     assert np.array_equal(_array(again.image), _array(r.images[1]))
     rnd = api.txt2img(prompt="a red fox", seed=-1, width=64, height=64)
     assert rnd.info["seed"] >= 0 and f"Seed: {rnd.info['seed']}," in rnd.info["infotexts"][0]
+
+
+def test_fields_left_out_take_a1111s_defaults(server):
+    r = httpx.post(f"http://127.0.0.1:{server[0]}/sdapi/v1/txt2img",
+                   json={"prompt": "a cat", "steps": STEPS, "width": 64, "height": 64}, timeout=120)
+    assert r.status_code == 200, r.text
+    p = parse_parameters(json.loads(r.json()["info"])["infotexts"][0])
+    assert (p["Sampler"], p["CFG scale"], p["Steps"]) == ("Euler", "7.0", str(STEPS))
 
 
 def test_clip_skip_and_model_through_override_settings(api):

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from PIL import Image, ImageFilter, ImageOps
 
-__all__ = ["FieldError", "to_native", "native_to_a1111_loc", "response", "progress", "sampler_list",
+__all__ = ["FieldError", "DEFAULTS", "to_native", "native_to_a1111_loc", "response", "progress", "sampler_list",
            "scheduler_list", "CONTROL_MODES"]
 
 
@@ -44,6 +44,10 @@ _TOP = {"num_inference_steps": ("steps",), "guidance_scale": ("cfg_scale",), "sc
         "strength": ("denoising_strength",), "clip_skip": ("override_settings", "CLIP_stop_at_last_layers"),
         "model": ("override_settings", "sd_model_checkpoint")}
 _UNIT = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "guess_mode": "control_mode"}
+# A1111's API defaults (modules/api/models.py, StableDiffusionProcessing): a client that leaves a
+# field out gets what A1111 would do, not the model folder's scheduler or size
+DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "denoising_strength": 0.75,
+            "sampler_index": "Euler"}
 # refused unless left at these values: what A1111 would do that we do not
 _UNSUPPORTED = {"enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
                 "styles": ([], None), "script_name": (None, "", "None"), "subseed_strength": (0, 0.0, None)}
@@ -105,9 +109,11 @@ def _sampler(body: dict) -> Optional[str]:
 def to_native(body: dict, mode: str, options: dict, default_title: str) -> dict:
     """The native request for an A1111 ``txt2img``/``img2img`` body (``mode``), with the
     server's ``options`` (``sd_model_checkpoint``, ``CLIP_stop_at_last_layers``) under the
-    body's ``override_settings``. Checks only what the mapping needs; the native parse the rest."""
+    body's ``override_settings``; fields left out take A1111's defaults (:data:`DEFAULTS`).
+    Checks only what the mapping needs; the native parse the rest."""
     if not isinstance(body, dict):
         raise FieldError((), "expected a JSON object")
+    body = {**DEFAULTS, **body}
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] not in allowed:
             raise FieldError((key,), f"not supported by this server (only {allowed[0]!r}), got {body[key]!r}")
