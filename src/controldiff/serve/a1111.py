@@ -6,8 +6,10 @@ override_settings, ...) become a native request (:mod:`controldiff.request`), so
 generate the same way. ControlNet units arrive as sd-webui-controlnet takes them
 (``alwayson_scripts: {"controlnet": {"args": [unit, ...]}}``, its ``external_code``
 field names). What A1111 would do and we cannot (hires fix, face restoration, styles,
-scripts, preprocessors) is refused with a 422 naming the field, never silently ignored; fields
-that only tune what we do not do (eta, s_churn, hr_* without enable_hr) are accepted unread.
+scripts, preprocessors, resize modes other than "just resize") is refused with a 422 naming the
+field. Accepted unread: fields that tune what we do not do (eta, s_churn..., hr_* without
+enable_hr) and, for inpainting, ``inpainting_fill`` and ``inpaint_full_res`` (the whole image is
+inpainted, as with A1111's "original" fill and full-res off); ``mask_blur`` blurs the mask.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ _UNIT = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "g
 # A1111's API defaults (modules/api/models.py, StableDiffusionProcessing): a client that leaves a
 # field out gets what A1111 would do, not the model folder's scheduler or size
 DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "denoising_strength": 0.75,
-            "sampler_index": "Euler"}
+            "sampler_index": "Euler", "mask_blur": 4}
 # refused unless left at these values: what A1111 would do that we do not
 _UNSUPPORTED = {"enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
                 "styles": ([], None), "script_name": (None, "", "None"), "subseed_strength": (0, 0.0, None)}
