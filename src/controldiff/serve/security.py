@@ -31,10 +31,15 @@ class Guard:
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):   # lifespan
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.token is not None and not self._authorized(headers.get("authorization", "")):
+        authorized = self.token is None or self._authorized(headers.get("authorization", ""))
+        if scope["type"] == "websocket":
+            if not authorized:
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
+        if not authorized:
             return await _reply(send, 401, "a token is required: send 'Authorization: Bearer TOKEN' "
                                            "(or HTTP basic auth with the token as the password)",
                                 [(b"www-authenticate", b'Basic realm="controldiff"')])
