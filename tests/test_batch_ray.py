@@ -41,20 +41,19 @@ def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path,
     from PIL import Image
     from ray import serve
 
-    from controldiff.batch.ray_serve import deployment
+    from controldiff.batch.ray_serve import app
     from controldiff.request import parse, schema
-    from controldiff.serve import ServerConfig
     from test_batch import FAST
     from test_training_distributed import free_port
 
     fold, _ = setup
     port = free_port()
-    config = ServerConfig(model=fold.default_model, models=fold.models, outputs=tmp_path / "outputs",
-                          devices=("cpu",), dtype="float32")
+    # what `serve run controldiff.batch.ray_serve:app model=... models=...` passes
+    args = {"model": str(fold.default_model), "models": ",".join(map(str, fold.models)),
+            "outputs": str(tmp_path / "outputs"), "devices": "cpu", "dtype": "float32", "num_cpus": "0"}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(deployment(config, ray_actor_options={"num_cpus": 0}).bind(), name="controldiff",
-                  route_prefix="/")
+        serve.run(app(args), name="controldiff", route_prefix="/")
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         assert api.get("/controldiff/v1/schema").json() == schema()
         bad = api.post("/controldiff/v1/jobs", json={"prompt": "x", "width": "wide"})
@@ -78,3 +77,14 @@ def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path,
         assert [Image.open(io.BytesIO(base64.b64decode(b))).size for b in a1111["images"]] == [(64, 64)] * 2
     finally:
         serve.shutdown()
+
+
+def test_serve_run_arguments_are_checked_before_any_replica_starts(setup):
+    from controldiff.batch.ray_serve import app
+
+    with pytest.raises(ValueError, match="modle: unknown argument"):
+        app({"modle": "x"})
+    with pytest.raises(ValueError, match="num_replicas: expected a number, got 'two'"):
+        app({"num_replicas": "two"})
+    with pytest.raises(ValueError, match="--host|token"):
+        app({"token": " "})
