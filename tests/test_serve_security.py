@@ -1,6 +1,6 @@
 """The server's limits: loopback unless a token is given, then the token on every route (bearer,
 or basic auth as A1111 clients send it); names confined to their folders (../, absolute paths,
-symlinks out, URL-encoded) for models, LoRAs, ControlNets and outputs; request bodies and images
+symlinks out, URL-encoded) for models, LoRAs, embeddings, ControlNets and outputs; request bodies and images
 over the limits refused before anything decodes them."""
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def server(tiny_model, tmp_path_factory):
     lora_out = outside / "evil.safetensors"
     lora_out.write_bytes((kw["loras"][0] / "style.safetensors").read_bytes())
     os.symlink(lora_out, kw["loras"][0] / "evil.safetensors")                 # a LoRA file outside
+    emb_out = outside / "evil_emb.safetensors"
+    emb_out.write_bytes((kw["embeddings"][0] / "shiny.safetensors").read_bytes())
+    os.symlink(emb_out, kw["embeddings"][0] / "evil_emb.safetensors")         # an embedding outside
     kw["outputs"].mkdir()
     os.symlink(outside / "secret.png", kw["outputs"] / "00099-1.png")         # an output outside
     config = ServerConfig(**kw, host="0.0.0.0", token=TOKEN, max_upload_bytes=LIMIT_BYTES,
@@ -100,6 +103,14 @@ def test_lora_names_stay_in_the_lora_folder(server, name):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["loras", 0], r.text
     r = c.post("/sdapi/v1/txt2img", json={"prompt": f"x <lora:{name}:1>", "width": 64, "height": 64})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["prompt"], r.text
+
+
+@pytest.mark.parametrize("name", ["evil_emb", "../outside/evil_emb", "/tmp/evil_emb"])
+def test_embedding_names_stay_in_the_embedding_folder(server, name):
+    c = server[0]
+    assert c.get(f"{API}/embeddings").json() == ["shiny"]
+    r = c.post(f"{API}/jobs", json={"prompt": "x", "width": 64, "height": 64, "embeddings": [name]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["embeddings", 0], r.text
 
 
 def test_controlnet_names_stay_in_their_folder(server):

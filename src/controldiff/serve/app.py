@@ -75,15 +75,11 @@ class Server:
         from ..request import RequestError, parse
 
         try:
-            request = parse(data, folders=self.folders, limits=self.limits)
+            return parse(data, folders=self.folders, limits=self.limits)
         except RequestError as e:
             field = getattr(e, "field", "") or ""
             message = getattr(e, "message", None) or str(e)
             raise Refused(to_loc(field), message) from None
-        for name, tag in request.tagged.items():   # the prompt's <lora:...> tags, found by file name
-            if not any(library.inside(tag.path, f) for f in self.folders.loras):
-                raise Refused(to_loc("prompt"), f"{tag.tag}: no LoRA named {name!r} in the configured folders")
-        return request
 
     def submit(self, request, keep_pngs: bool = False) -> Job:
         return self.store.submit(Job(request, len(request.seeds), keep_pngs=keep_pngs))
