@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -51,9 +52,11 @@ def server(tiny_model, tmp_path_factory):
     shutil.copytree(tiny_model("sd1"), models / "tiny")
     build_controlnet(models / "tiny", root / "controlnets" / "edges")
     embeddings.mkdir()
+    (root / "loras").mkdir()
+    save_file({"unused": torch.zeros(1)}, str(root / "loras" / "inkwash.safetensors"))  # listed, not loaded
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
               str(embeddings / "shiny.safetensors"))
-    config = ServerConfig(model=models / "tiny", models=[models], embeddings=[embeddings],
+    config = ServerConfig(model=models / "tiny", models=[models], loras=[root / "loras"], embeddings=[embeddings],
                           controlnets=[root / "controlnets"], outputs=outputs,
                           devices=("cpu",), preview_every=1)
     port = _free_port()
@@ -115,8 +118,12 @@ def newest_job_images(server, pg) -> list[dict]:
 def test_generate_shows_the_image_in_the_gallery_and_on_disk(page, server):
     base, config = server
     expect(page.locator("#model option", has_text="tiny")).to_have_count(1)
-    page.select_option("#embedding-pick", "shiny")
     fill_basics(page, "a red fox", steps=2, seed=5)
+    page.select_option("#lora-pick", "inkwash")
+    page.click("#lora-insert")
+    expect(page.locator("#prompt")).to_have_value("a red fox <lora:inkwash:1>")
+    page.fill("#prompt", "a red fox")
+    page.select_option("#embedding-pick", "shiny")
     page.click("#embedding-insert")
     expect(page.locator("#prompt")).to_have_value("a red fox shiny")
     page.click("#generate")
@@ -141,6 +148,7 @@ def test_cancel_a_long_run(page, server):
     fill_basics(page, "a long run", steps=500, seed=1)
     page.click("#generate")
     expect(page.locator("#job-state")).to_contain_text("step", timeout=WAIT)
+    expect(page.locator("#preview")).to_have_attribute("src", re.compile("^data:image/png;base64,"), timeout=WAIT)
     expect(page.locator("#cancel")).to_be_enabled()
     page.click("#cancel")
     wait_state(page, "cancelled")
@@ -251,7 +259,7 @@ def test_controlnet_image_upload_and_inpaint_mask_painted_on_the_init_image(page
     expect(cn.locator('[data-key="model"] select option', has_text="edges")).to_have_count(1)
     cn.locator('[data-key="model"] select').select_option("edges")
     cn.locator('[data-key="image"] input[type=file]').set_input_files(str(picture(tmp_path / "cond.png")))
-    expect(cn.locator('[data-key="image"] img.thumb')).to_be_visible()
+    expect(cn.locator('[data-key="image"] img.thumb')).to_have_count(1)
 
     page.click("#init-panel summary")
     page.set_input_files("#init-file", str(picture(tmp_path / "init.png", color=(40, 40, 200))))
@@ -283,6 +291,11 @@ def test_controlnet_image_upload_and_inpaint_mask_painted_on_the_init_image(page
     params = parse_parameters(image["parameters"])
     assert "Model: edges" in params["ControlNet 0"]
     assert params["Denoising strength"] == "0.9"
+    cn.locator(".control-head button.remove").click()
+    card(page, image["url"]).locator("button.send").click()
+    expect(cn.locator('[data-key="model"] select')).to_have_value("edges")
+    assert page.evaluate("collect()")["controls"][0] == {"type": "ControlNet", "model": "edges", "scale": 1,
+                                                         "start": 0, "end": 1, "guess_mode": False}
 
 
 class Blur(Control):

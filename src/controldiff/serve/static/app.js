@@ -2,7 +2,8 @@
 // built from the request's JSON Schema, so a new control appears here without page code.
 "use strict";
 
-const API = "/controldiff/v1";
+const API = "controldiff/v1";  // relative: the page also works with the app mounted under a prefix
+const local = (url) => String(url).replace(/^\/(?=controldiff\/)/, "");  // the API's own URLs, likewise
 const $ = (id) => document.getElementById(id);
 const lists = { models: [], loras: [], embeddings: [], controlnets: [], samplers: [] };
 let ROOT = {};                 // the request schema (for $ref)
@@ -34,7 +35,7 @@ async function api(path, options = {}) {
     opts.body = JSON.stringify(opts.json);
     delete opts.json;
   }
-  const res = await fetch(path.startsWith("/") ? path : `${API}/${path}`, opts);
+  const res = await fetch(`${API}/${path}`, opts);
   const body = await res.json().catch(() => null);
   if (!res.ok) throw Object.assign(new Error(`HTTP ${res.status}`), { status: res.status, body });
   return body;
@@ -127,6 +128,7 @@ function widget(key, raw, ctx = {}) {
   if (s.type === "array") {
     const item = choose(s.items || {}).schema;
     if (item.type === "object") return listWidget(key, s, ctx);
+    if (isImage("", item)) return imageWidget(key, s, required, true);
     if (["string", "number", "integer"].includes(item.type) || (s.items && (s.items.anyOf || s.items.oneOf)))
       return csvWidget(key, s, item, required);
   }
@@ -221,18 +223,19 @@ function readFile(file) {
   });
 }
 
-function imageWidget(key, s, required) {
-  const input = el("input", { type: "file", accept: "image/*" });
-  const thumb = el("img", { class: "thumb", hidden: true, alt: key });
-  let data;
+// An upload sent as a data URL; ``many``: a list of images (FABRIC's liked/disliked).
+function imageWidget(key, s, required, many = false) {
+  const input = el("input", { type: "file", accept: "image/*", multiple: many });
+  const thumbs = el("span", { class: "thumbs" });
+  let data = [];
   input.addEventListener("change", async () => {
-    data = input.files[0] ? await readFile(input.files[0]) : undefined;
-    thumb.hidden = !data;
-    if (data) thumb.src = data;
+    data = await Promise.all([...input.files].map(readFile));
+    thumbs.replaceChildren(...data.map((d) => el("img", { class: "thumb", src: d, alt: key })));
   });
   const label = wrap(key, s, input, required);
-  label.append(thumb);
-  return { el: label, get: () => data, set: () => {} };  // images are not in the infotext
+  label.append(thumbs);
+  const get = () => data.length ? (many ? data : data[0]) : undefined;
+  return { el: label, get, set: () => {} };  // images are not in the infotext
 }
 
 function objectWidget(key, s, ctx) {
@@ -387,18 +390,20 @@ const init = { data: null, image: null, painted: false };
 
 function setupPainting() {
   const base = $("init-canvas"), mask = $("mask-canvas"), mctx = mask.getContext("2d");
-  let painting = false;
+  let last = null;  // the stroke's previous point while the button is down
   const paint = (ev) => {
-    const r = mask.getBoundingClientRect();
-    mctx.fillStyle = "#fff";
+    const r = mask.getBoundingClientRect(), p = [ev.clientX - r.left, ev.clientY - r.top];
+    Object.assign(mctx, { strokeStyle: "#fff", lineWidth: Number($("brush").value), lineCap: "round", lineJoin: "round" });
     mctx.beginPath();
-    mctx.arc(ev.clientX - r.left, ev.clientY - r.top, Number($("brush").value) / 2, 0, 2 * Math.PI);
-    mctx.fill();
+    mctx.moveTo(...(last || p));
+    mctx.lineTo(...p);
+    mctx.stroke();
+    last = p;
     init.painted = true;
   };
-  mask.addEventListener("mousedown", (ev) => { painting = true; paint(ev); });
-  mask.addEventListener("mousemove", (ev) => { if (painting) paint(ev); });
-  window.addEventListener("mouseup", () => { painting = false; });
+  mask.addEventListener("mousedown", (ev) => { last = null; paint(ev); });
+  mask.addEventListener("mousemove", (ev) => { if (last) paint(ev); });
+  window.addEventListener("mouseup", () => { last = null; });
   $("mask-clear").addEventListener("click", () => { mctx.clearRect(0, 0, mask.width, mask.height); init.painted = false; });
   $("init-remove").addEventListener("click", () => {
     Object.assign(init, { data: null, image: null, painted: false });
@@ -577,7 +582,10 @@ function showErrors(err) {
     }
   }
   const first = document.querySelector(".invalid");
-  if (first) first.scrollIntoView({ block: "center" });
+  if (first) {
+    $("errors").prepend(`Refused: ${document.querySelectorAll(".invalid").length} marked field(s) to fix.\n`);
+    first.scrollIntoView({ block: "center" });
+  }
 }
 
 function setRunning(running) {
@@ -624,7 +632,7 @@ async function poll() {
     $("preview").hidden = false;
   }
   if (["done", "cancelled", "failed"].includes(j.state)) {
-    if (j.images && j.images.length) { $("preview").src = j.images[j.images.length - 1].url; $("preview").hidden = false; }
+    if (j.images && j.images.length) { $("preview").src = local(j.images[j.images.length - 1].url); $("preview").hidden = false; }
     if (j.error) $("errors").textContent = j.error;
     job = null;
     setRunning(false);
@@ -645,7 +653,7 @@ async function refreshGallery() {
   try { items = await api("outputs"); } catch (err) { $("errors").textContent = `gallery: ${err.message}`; return; }
   const gallery = $("gallery");
   gallery.replaceChildren(...items.map((it) => el("figure", { class: "card", "data-url": it.url },
-    el("a", { href: it.url, target: "_blank" }, el("img", { src: it.url, alt: `seed ${it.seed}`, loading: "lazy" })),
+    el("a", { href: local(it.url), target: "_blank" }, el("img", { src: local(it.url), alt: `seed ${it.seed}`, loading: "lazy" })),
     el("figcaption", {}, el("span", {}, `seed ${it.seed}`),
       el("button", { type: "button", class: "send", onclick: () => sendToForm(it.parameters || "") }, "Send to form")),
     el("details", {}, el("summary", {}, "settings"), el("pre", { class: "parameters" }, it.parameters || "")))));
