@@ -225,6 +225,31 @@ def test_two_torchrun_processes_write_what_one_process_writes(setup, single, tmp
     assert sorted(map(json.dumps, records(out))) == sorted(map(json.dumps, records(single[0])))
 
 
+def test_sigterm_stops_between_writes_and_keeps_the_finished_items(setup, tmp_path):
+    """What torchrun does to the other ranks when one fails."""
+    import signal
+    import time
+
+    fold, _ = setup
+    jobs = write_jobs(tmp_path / "long.jsonl", [{"prompt": f"p{i}", **FAST, "num_inference_steps": 150}
+                                                for i in range(3)], None)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "controldiff.cli", "batch", str(jobs), "--out", str(out), "--model",
+                             str(fold.default_model), "--device", "cpu", "--dtype", "float32", "--no-progress"],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240  # a guard against a hang, not a speed check
+    while not (out / MANIFEST).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM; the finished items are kept" in err and "Traceback" not in err
+    assert 1 <= len(records(out)) < 3
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == \
+        sorted(im["file"] for r in records(out) for im in r["images"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 BAD = [
     {"prompt": "fine", **FAST},
     "{not json",

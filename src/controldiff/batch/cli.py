@@ -43,28 +43,29 @@ def add_parser(sub) -> None:
 
 
 def folders_from_args(args):
-    """The request ``Folders`` of the command line."""
-    from ..cli import UsageError
+    """The request ``Folders`` of the command line. Errors are ValueErrors (main() reports them,
+    also when it runs as ``python -m controldiff.cli``, a second copy of the module's classes)."""
     from ..request import Folders
 
     for flag, dirs in (("--model-dir", args.model_dirs), ("--lora-dir", args.lora_dirs),
                        ("--embedding-dir", args.embedding_dirs), ("--controlnet-dir", args.controlnet_dirs)):
         for d in dirs:
             if not d.is_dir():
-                raise UsageError(f"argument {flag}: not a folder: {d}")
+                raise ValueError(f"argument {flag}: not a folder: {d}")
     if args.model is not None and not args.model.exists():
-        raise UsageError(f"argument --model: model folder or file not found: {args.model}")
+        raise ValueError(f"argument --model: model folder or file not found: {args.model}")
     return Folders(models=args.model_dirs, loras=args.lora_dirs, embeddings=args.embedding_dirs,
                    controlnets=args.controlnet_dirs, default_model=args.model)
 
 
 def cmd_batch(args) -> int:
-    from ..cli import PROG, _Aborted
+    from ..cli import _EXIT_SIGNAL, PROG
     from .runner import run_batch
     from .worker import ItemError
 
-    def stop(signum, frame):
-        raise _Aborted(signum)  # main() reports it; atomic writes leave nothing half-written
+    def stop(signum, frame):  # e.g. torchrun stopping the other ranks when one failed
+        print(f"\n{PROG} batch: stopped by SIGTERM; the finished items are kept: rerun to resume", file=sys.stderr)
+        raise SystemExit(_EXIT_SIGNAL[signal.SIGTERM])  # unwinds: a file being written is removed
 
     folders = folders_from_args(args)
     previous = signal.signal(signal.SIGTERM, stop)

@@ -20,10 +20,13 @@ class Worker:
     last model's pipeline loaded."""
 
     def __init__(self, folders, device: str = "auto", dtype: str = "auto"):
-        from ..cli import _device_and_dtype
+        from ..cli import UsageError, _device_and_dtype
 
         self.folders = folders
-        self.device, self.dtype = _device_and_dtype(device, dtype)
+        try:
+            self.device, self.dtype = _device_and_dtype(device, dtype)
+        except UsageError as e:  # a ValueError for every caller (a Ray actor, python -m controldiff.cli)
+            raise ValueError(str(e)) from None
         self._pipe, self._model = None, None
 
     def pipeline(self, model):
