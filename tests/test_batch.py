@@ -290,5 +290,9 @@ def test_command_line_errors(setup, tmp_path, capsys):
     assert "holds no requests" in capsys.readouterr().err
     assert cli.main(["batch", str(jobs), "--out", str(tmp_path / "o"), "--lora-dir", str(tmp_path / "nope")]) == 2
     assert "--lora-dir: not a folder" in capsys.readouterr().err
+    assert cli.main(["batch", str(jobs), "--out", str(tmp_path / "o"), "--model", str(fold.default_model),
+                     "--model-dir", str(fold.models[0]), "--device", "nope"]) == 2
+    assert "argument --device: not a torch device: 'nope'" in capsys.readouterr().err
+    assert not list((tmp_path / "o").iterdir())
     assert cli.main(["batch", str(jobs)]) == 2  # --out is required
     assert "--out" in capsys.readouterr().err
