@@ -4,6 +4,7 @@ native job and A1111's txt2img with the images the library makes."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -29,6 +30,21 @@ def test_items_on_ray_equal_the_single_process_run(setup, single, cluster, tmp_p
     assert files(out) == files(single[0])
     assert sorted(map(json.dumps, records(out))) == sorted(map(json.dumps, records(single[0])))
     assert ray.is_initialized()  # attached to the running cluster, left running
+
+
+def test_an_item_failing_on_a_ray_worker_names_its_line(setup, cluster, tmp_path):
+    from controldiff.batch import ItemError, run_batch
+    from test_batch import FAST, write_jobs
+
+    fold, _ = setup
+    # valid as a request; SEGA's default warmup (10 steps) is past a 2-step run: refused when it runs
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a face", **FAST, "controls": [
+        {"type": "SEGA", "concepts": [{"prompt": "smiling"}]}]}], None)
+    with pytest.raises(ItemError) as e:
+        run_batch(jobs, tmp_path / "out", fold, device="cpu", dtype="float32", ray="", progress=False)
+    assert type(e.value) is ItemError  # the error itself, not Ray's wrapper with the remote traceback
+    assert re.match(r"line 1 \(item 00001-\w+\): Concept.warmup: ", str(e.value))
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path, pipe):

@@ -20,6 +20,8 @@ def generate(items: list, folders, *, device: str = "auto", dtype: str = "auto",
 
     from .worker import ItemError, Worker
 
+    if not items:  # all done: no cluster to start
+        return
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or None, include_dashboard=False)
