@@ -282,7 +282,7 @@ def test_generate_with_lora_embedding_and_controlnet(tiny_model, tmp_path, capsy
             "--controlnet", f"{tmp_path / 'cn'}:{tmp_path / 'edges.png'}:0.5", "--clip-skip", "1"]
     assert cli.main(["generate", *args]) == 0
     text = read_parameters(out)
-    assert 'Lora: "style:0.7"' in text and "TI: <toy>" in text and "Clip skip: 1" in text
+    assert 'Lora: "style:0.7"' in text and "TI: <toy>" in text and "Clip skip: 2" in text  # A1111's count
     # the ControlNet as sd-webui-controlnet records a unit, so A1111 restores it
     assert ('ControlNet 0: "Module: none, Model: cn, Weight: 0.5, Guidance Start: 0.0, Guidance End: 1.0, '
             'Control Mode: Balanced"') in text

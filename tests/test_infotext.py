@@ -96,6 +96,26 @@ def test_from_png_reads_a1111_infotext(home, tmp_path, capsys):
     assert "made with Lora style:0.5; pass --lora" in err and "made with Model v1-5" in err
 
 
+def test_clip_skip_is_counted_as_a1111_counts_it(home, tmp_path, capsys):
+    """A1111's "Clip skip: 2" uses the penultimate layer: our --clip-skip 1. "Clip skip: 1" is no skip."""
+    made = {}
+    for given in (None, 1):
+        out = tmp_path / f"ours-{given}.png"
+        flags = [] if given is None else ["--clip-skip", given]
+        assert run(capsys, "generate", "-p", "a red cube", "--seed", 3, *FAST, *flags, "-o", out)[0] == 0
+        made[given] = out
+    assert "Clip skip" not in read_parameters(made[None]) and "Clip skip: 2" in read_parameters(made[1])
+    for a1111, ours in (("2", made[1]), ("1", made[None])):
+        src = tmp_path / f"a1111-{a1111}.png"
+        with open(src, "wb") as f:
+            write_png(Image.new("RGB", (8, 8)), f, "a red cube\nSteps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 3, "
+                      f"Size: 64x64, Clip skip: {a1111}")
+        out = tmp_path / f"again-{a1111}.png"
+        assert run(capsys, "generate", "--from-png", src, "-o", out)[0] == 0
+        assert np.array_equal(_pixels(out), _pixels(ours)), a1111
+    assert not np.array_equal(_pixels(made[1]), _pixels(made[None]))
+
+
 @pytest.mark.parametrize("text, match", [
     (None, "has no 'parameters' text"),
     ("x\nSteps: 2, Sampler: Restart, CFG scale: 6, Seed: 4, Size: 64x64", "sampler 'Restart'"),

@@ -525,7 +525,7 @@ def test_infotext_is_the_command_lines_and_round_trips(world, pipe, tmp_path, ca
     p = parse_parameters(r.parameters)
     assert (p["Prompt"], p["Negative prompt"], p["Steps"], p["Sampler"], p["Schedule type"], p["CFG scale"],
             p["Seed"], p["Size"], p["Model"], p["Clip skip"]) == \
-        ("a toy <lora:style:0.5>", "blurry", "2", "DPM++ 2M", "Karras", "5.0", "7", "64x64", "tiny", "1")
+        ("a toy <lora:style:0.5>", "blurry", "2", "DPM++ 2M", "Karras", "5.0", "7", "64x64", "tiny", "2")
     assert p["Model hash"] and p["ControlNet 0"].startswith("Module: none, Model: edges, Weight: 0.7")
 
 

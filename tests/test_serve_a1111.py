@@ -75,7 +75,7 @@ def test_clip_skip_and_model_through_override_settings(api):
     skipped = api.txt2img(prompt="a cat", seed=7, width=64, height=64,
                           override_settings={"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny"})
     assert not np.array_equal(_array(plain.image), _array(skipped.image))
-    assert skipped.info["clip_skip"] == 2 and "Clip skip" in parse_parameters(skipped.info["infotexts"][0])
+    assert skipped.info["clip_skip"] == 2 and parse_parameters(skipped.info["infotexts"][0])["Clip skip"] == "2"
 
 
 def test_img2img_and_inpainting(api):

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .generation import generate, infotext, load_extras, model_name, prompt_loras, random_seed
 
@@ -90,6 +90,12 @@ def _seed(text: str) -> int:
         return check_seed(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("seed: ")) from None
+
+
+def _a1111_clip_skip(text: str) -> Optional[int]:
+    """A1111's "Clip skip: N" uses the N-th layer from the end: our clip_skip is N - 1 (1: none)."""
+    n = _positive_int(text)
+    return n - 1 or None
 
 
 def _text(text: str) -> str:
@@ -282,7 +288,7 @@ def _settings_from_png(args) -> dict[str, str]:
     take("Seed", "seed", _seed)
     take("Size-1", "width", _positive_int)
     take("Size-2", "height", _positive_int)
-    take("Clip skip", "clip_skip", _positive_int)
+    take("Clip skip", "clip_skip", _a1111_clip_skip)
     if p.get("Sampler") and args.scheduler is None:
         name = from_a1111(p["Sampler"], p.get("Schedule type"))
         if name not in scheduler_names():

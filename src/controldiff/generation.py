@@ -136,8 +136,8 @@ def load_extras(pipe, *, prompt: str, negative: Optional[str], loras: Sequence[t
         params["TI hashes"] = format_hashes(done.ti_hashes)
     if prompt_syntax != "a1111":
         params["Prompt syntax"] = prompt_syntax
-    if clip_skip:
-        params["Clip skip"] = clip_skip
+    if clip_skip:  # A1111 counts the layer used from the end: 2 = skip one (our clip_skip=1)
+        params["Clip skip"] = clip_skip + 1
     return done
 
 

@@ -537,8 +537,9 @@ function sendToForm(parameters) {
   for (const [id, key] of Object.entries(fields)) if (p[key] !== undefined) $(id).value = p[key];
   if (p.Sampler) setSelect($("scheduler"), p.Sampler);
   if (p.Model) setSelect($("model"), p.Model);
-  const a1111 = { clip_skip: "Clip skip", num_images: "Batch size" };
-  for (const [k, key] of Object.entries(a1111)) if (more[k] && p[key] !== undefined) more[k].set(numOrText(p[key]));
+  // A1111's "Clip skip: N" uses the N-th layer from the end: our clip_skip is N - 1 (1: none)
+  if (more.clip_skip && p["Clip skip"] !== undefined) more.clip_skip.set(Number(p["Clip skip"]) - 1 || null);
+  if (more.num_images && p["Batch size"] !== undefined) more.num_images.set(numOrText(p["Batch size"]));
   for (const c of stack.splice(0)) c.el.remove();
   for (const c of infotextControls(p)) addControl(c.type, c.settings);
   window.scrollTo(0, 0);
