@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)",
-                       description="Generate images. Without MODEL, uses the built-in demo model (random weights). "
+                       description="Generate images. Without MODEL, uses the built-in demo model (64x64 scenes of coloured shapes). "
                                    "Steps, guidance and strength default to the reference pipeline's values for "
                                    "the model's family and task; the PNG records the values used.")
     g.add_argument("model", nargs="?", metavar="MODEL",

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
-DEMO_MODEL_NAME = "demo (random weights)"
-
-
 def random_seed() -> int:
     """The seed of a run that was given none (printed and recorded, so it can be remade)."""
     return secrets.randbelow(2**32)
@@ -26,7 +23,9 @@ def random_seed() -> int:
 def model_name(path: Optional[Path], is_demo: bool = False) -> Optional[str]:
     """The model's name in the infotext: a file's stem or a folder's name, as A1111 shows it."""
     if is_demo:
-        return DEMO_MODEL_NAME
+        from .demo import NAME
+
+        return NAME
     if path is None:
         return None
     path = Path(path)

@@ -51,16 +51,21 @@ class Recipe:
     caption_dropout: float = 0.1
     pool: int = 40000             # scenes whose latents stage 2 trains on
     snapshot_every: int = 500
+    levels: int = 3               # UNet resolutions: 16, 8, 4 (, 2) latent pixels
+    vae_from: str = ""            # a trained model folder whose VAE to reuse (skips stage 1)
     log_every: int = 50
     device: str = "cpu"
 
 
-def unet_config() -> dict:
-    """No attention at 16x16 (it costs most and the 8x8 and 4x4 levels place things)."""
+def unet_config(levels: int = 3) -> dict:
+    """No attention at 16x16 (it costs most; the coarser levels place things)."""
+    if levels not in (3, 4):
+        raise ValueError(f"levels: expected 3 or 4, got {levels!r}")
     cfg = tiny.unet_config("sd1", sample_size=scenes.SIZE // 4, cross_attention_dim=64)
-    cfg.update(block_out_channels=[32, 64, 128], layers_per_block=1, norm_num_groups=16, attention_head_dim=8,
-               down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-               up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+    cfg.update(block_out_channels=[32, 64, 128, 128][:levels], layers_per_block=1, norm_num_groups=16,
+               attention_head_dim=8,
+               down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
+               up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"])
     return cfg
 
 
@@ -136,7 +141,7 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     torch.manual_seed(r.seed + 1)
     te_cfg = text_encoder_config(vocab)
     te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if k not in ("architectures", "model_type")}))
-    unet = UNet2DConditionModel(unet_config())
+    unet = UNet2DConditionModel(unet_config(r.levels))
     te, unet = te.to(r.device).train(), unet.to(r.device).train()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
@@ -192,7 +197,7 @@ def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict) -> Path:
     from . import write_component, write_index
 
     def fill(tmp: Path) -> None:
-        write_component(tmp / "unet", unet_config(), unet.state_dict(), "UNet2DConditionModel")
+        write_component(tmp / "unet", dict(unet.config), unet.state_dict(), "UNet2DConditionModel")
         write_component(tmp / "vae", dict(vae.config), vae.state_dict(), "AutoencoderKL")
         write_component(tmp / "text_encoder", None, te.state_dict(), "CLIPTextModel", te.config)
         (tmp / "tokenizer").mkdir()
@@ -204,6 +209,27 @@ def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict) -> Path:
     return atomic_folder(Path(folder), fill)
 
 
+def ship(src: Path, dst: Path) -> Path:
+    """Copy a trained folder as the package ships it: weights in float16 (half the size; the
+    pipeline loads them in the dtype asked for), everything else as it is."""
+    from safetensors.torch import load_file, save_file
+
+    from ..training.checkpoint import atomic_folder
+
+    def fill(tmp: Path) -> None:
+        for f in sorted(Path(src).rglob("*")):
+            target = tmp / f.relative_to(src)
+            if f.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif f.suffix == ".safetensors":
+                save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, target,
+                          metadata={"format": "pt"})
+            else:
+                target.write_bytes(f.read_bytes())
+
+    return atomic_folder(Path(dst), fill)
+
+
 def train(out: Path, r: Recipe) -> Path:
     out = Path(out)
     log: list = []
@@ -213,7 +239,12 @@ def train(out: Path, r: Recipe) -> Path:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    vae = train_vae(r, log)
+    if r.vae_from:
+        from ..pipeline import Pipeline
+
+        vae = Pipeline.from_pretrained(r.vae_from, device=r.device, dtype=torch.float32).vae.eval()
+    else:
+        vae = train_vae(r, log)
     vae_seconds = time.perf_counter() - start
 
     def extra(step):
@@ -232,6 +263,8 @@ def train(out: Path, r: Recipe) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m controldiff.demo.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="folder to write (replaced atomically at each snapshot)")
+    p.add_argument("--ship", action="store_true",
+                   help="instead of training, copy the trained OUT into the package (float16 weights)")
     defaults = Recipe()
     for name, value in asdict(defaults).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -239,6 +272,11 @@ def main(argv=None) -> int:
     args = vars(p.parse_args(argv))
     torch.set_num_threads(args.pop("threads"))
     out = args.pop("out")
+    if args.pop("ship"):
+        from . import MODEL_DIR
+
+        print(ship(out, MODEL_DIR))
+        return 0
     train(out, Recipe(**args))
     return 0
 

@@ -17,6 +17,7 @@ from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import demo
 from . import a1111, library
 from .config import ServerConfig
 from .jobs import Job, JobStore, Worker
@@ -59,7 +60,7 @@ class Server:
         self.store = JobStore(keep=config.keep_jobs)
         self.workers = [Worker(self.store, d, config.dtype, self.outputs, OUTPUTS_URL, config.preview_every)
                         for d in config.devices]
-        self.default_title = config.model.name if config.model is not None else "demo (random weights)"
+        self.default_title = config.model.name if config.model is not None else demo.NAME
         self.options: dict[str, Any] = {"sd_model_checkpoint": self.default_title, "CLIP_stop_at_last_layers": 1,
                                         "samples_format": "png", "outdir_samples": ""}
 
