@@ -47,7 +47,7 @@ def test_an_item_failing_on_a_ray_worker_names_its_line(setup, cluster, tmp_path
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path, pipe):
+def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path, pipe, monkeypatch):
     import base64
     import io
     import time
@@ -67,6 +67,9 @@ def test_the_api_on_ray_serve_answers_like_the_library(setup, cluster, tmp_path,
     # what `serve run controldiff.batch.ray_serve:app model=... models=...` passes
     args = {"model": str(fold.default_model), "models": ",".join(map(str, fold.models)),
             "outputs": str(tmp_path / "outputs"), "devices": "cpu", "dtype": "float32", "num_cpus": "0"}
+    # Serve kills its HTTP proxy if it has not started in 60 s: on 2 loaded cores it can take longer
+    # (a guard against a hang, not a speed check)
+    monkeypatch.setattr("ray.serve._private.api.HTTP_PROXY_TIMEOUT", 600)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app(args), name="controldiff", route_prefix="/")

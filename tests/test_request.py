@@ -22,6 +22,7 @@ from controldiff.png import parse_parameters, read_parameters
 from controldiff.request import Folders, Limits, RequestError, control_names, parse, refused_controls, schema
 from controldiff.request import controls as request_controls
 from controldiff.sampling.control import Control
+from test_infotext_restore import _lora_file as lora_file
 from pipes import ours
 from tiny_models import build_controlnet
 
@@ -33,13 +34,7 @@ def b64(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def _lora_file(path, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(2):
-        key = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn{i + 1}_to_q"
-        state[f"{key}.lora_down.weight"] = scale * torch.randn(2, 16, generator=g)
-        state[f"{key}.lora_up.weight"] = scale * torch.randn(16, 2, generator=g)
-    save_file(state, str(path))
+    return lora_file(path, seed=seed, scale=scale)
 
 
 @pytest.fixture(scope="module")

@@ -89,9 +89,27 @@ def _images(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), [s.caption() for s in picked]
 
 
-def _log(log: list, stage: str, step: int, loss: float, t0: float) -> None:
-    log.append({"stage": stage, "step": step, "loss": round(loss, 5), "seconds": round(time.perf_counter() - t0, 1)})
-    print(json.dumps(log[-1]), flush=True)
+class _Stage:
+    """One optimisation step (clipped gradients, then the lr schedule) and the log: the mean
+    loss of every ``log_every`` steps, with the seconds since the stage began."""
+
+    def __init__(self, name: str, params, opt, sched, r: Recipe, steps: int, log: list):
+        self.name, self.params, self.opt, self.sched, self.r, self.steps, self.log = \
+            name, list(params), opt, sched, r, steps, log
+        self.t0, self.running = time.perf_counter(), []
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.running.append(loss.item())
+        if step % self.r.log_every == 0 or step == self.steps:
+            self.log.append({"stage": self.name, "step": step, "loss": round(sum(self.running) / len(self.running), 5),
+                             "seconds": round(time.perf_counter() - self.t0, 1)})
+            print(json.dumps(self.log[-1]), flush=True)
+            self.running = []
 
 
 def train_vae(r: Recipe, log: list):
@@ -102,23 +120,14 @@ def train_vae(r: Recipe, log: list):
     vae = AutoencoderKL(vae_config()).to(r.device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / r.vae_steps, 1))))
-    t0, running = time.perf_counter(), []
+    stage = _Stage("vae", vae.parameters(), opt, sched, r, r.vae_steps, log)
     for step in range(1, r.vae_steps + 1):
         x, _ = _images(rng, r.vae_batch)
         x = x.to(r.device)
         post = vae.encode(x)
         recon = vae.decode(post.sample())
         kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).sum(dim=(1, 2, 3)).mean()
-        loss = torch.nn.functional.mse_loss(recon, x) + r.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        if step % r.log_every == 0 or step == r.vae_steps:
-            _log(log, "vae", step, sum(running) / len(running), t0)
-            running = []
+        stage.step(step, torch.nn.functional.mse_loss(recon, x) + r.kl_weight * kl)
     vae.eval()
     with torch.no_grad():  # unit-variance latents, as SD's 0.18215 makes its VAE's
         x, _ = _images(random.Random(f"scale-{r.seed}"), 512)
@@ -162,24 +171,15 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
 
     from ..models.vae import DiagonalGaussian
 
-    t0, running = time.perf_counter(), []
+    stage = _Stage("model", params, opt, sched, r, r.steps, log)
     order = torch.Generator().manual_seed(r.seed + 2)
     for step in range(1, r.steps + 1):
         idx = torch.randint(0, len(captions), (r.batch,), generator=order)
         latents = DiagonalGaussian(moments[idx].to(r.device)).sample() * vae.config.scaling_factor
         text = ["" if rng.random() < r.caption_dropout else captions[i] for i in idx.tolist()]
         embeds, _ = encode([tokenizer], [te], text, sdxl=False)
-        loss = objective(unet, latents, embeds)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        stage.step(step, objective(unet, latents, embeds))
         ema.update()
-        running.append(loss.item())
-        if step % r.log_every == 0 or step == r.steps:
-            _log(log, "model", step, sum(running) / len(running), t0)
-            running = []
         if snapshot is not None and (step % r.snapshot_every == 0 or step == r.steps):
             saved = [p.detach().clone() for p in params]
             ema.copy_to()
