@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ $# -eq 0 ]; then
-  set -- --prompt "a lighthouse on a cliff at sunset" --steps 20 --seed 1
+  set -- --prompt "a large red circle at the top right on a blue background" --steps 20 --seed 1
 fi
 exec .venv/bin/controldiff generate "$@"

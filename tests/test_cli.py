@@ -2,7 +2,7 @@
 (PNG parameters, output numbering, the embedded demo model)."""
 from __future__ import annotations
 
-import hashlib
+import json
 import re
 import signal
 from pathlib import Path
@@ -20,7 +20,7 @@ FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory):
-    """One demo model per session (built with our own classes)."""
+    """A home folder of the session's own (the CLI must not need one)."""
     return tmp_path_factory.mktemp("controldiff-home")
 
 
@@ -65,35 +65,31 @@ def test_png_parameters_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- demo model
 
 
-def _digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def test_demo_model_is_shipped_with_its_recipe():
+    from safetensors import safe_open
 
+    from controldiff.demo import recipe
 
-def test_demo_model_is_reproducible_and_built_once(home, tmp_path):
     path = demo.default_model_path()
-    assert path == home / demo.NAME and (path / "model_index.json").is_file()
-    assert demo.default_model_path() == path  # cached
-    assert [p.name for p in home.iterdir()] == [demo.NAME]  # no temp folder left behind
-    other = demo.build(tmp_path / "again")
-    assert _digest(other) == _digest(path)
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        assert (path / sub).is_dir()
-    assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert "random weights" in demo.DEMO_NOTICE
+    assert path == demo.MODEL_DIR and (path / "model_index.json").is_file()
+    made = json.loads((path / "recipe.json").read_text())
+    # the 2500-step snapshot of a 4000-step run: what the recipe's default steps make
+    assert made["step"] == recipe.Recipe().steps and made["step"] % made["recipe"]["snapshot_every"] == 0
+    assert made["log"][0]["stage"] == "vae" and made["log"][-1] == {**made["log"][-1], "stage": "model",
+                                                                     "step": made["step"]}
+    files = list(path.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
+    for f in files:  # shipped in float16
+        with safe_open(f, "pt") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f
+    assert sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) < 16 * 2**20
+    assert "built-in demo model" in demo.DEMO_NOTICE
 
 
-def test_demo_build_crash_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONTROLDIFF_HOME", str(tmp_path))
-
-    def boom(folder):
-        (Path(folder) / "unet").mkdir()
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(demo, "build", boom)
-    with pytest.raises(RuntimeError):
+def test_missing_demo_model_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "MODEL_DIR", tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="controldiff.demo.recipe"):
         demo.default_model_path()
-    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- generate
@@ -207,7 +203,7 @@ def test_info_on_demo_model(home, capsys):
     assert rc == 0, err
     assert re.search(r"family:\s+sd1", out)
     assert re.search(r"kind:\s+txt2img \(unet in_channels=4\)", out)
-    assert re.search(r"default size:\s+256x256", out) and re.search(r"latent factor:\s+8", out)
+    assert re.search(r"default size:\s+64x64", out) and re.search(r"latent factor:\s+4", out)
     c = load_components(path)
     for name, module in (("unet", c.unet), ("vae", c.vae), ("text_encoder", c.text_encoder)):
         count = sum(p.numel() for p in module.parameters())
@@ -224,7 +220,7 @@ def test_info_on_sdxl_folder(tiny_model, capsys):
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["generate", "-p", "x", "--width", "100"], "--width"),
+    (["generate", "-p", "x", "--width", "102"], "--width"),
     (["generate", "-p", "x", "--height", "0"], "--height"),
     (["generate", "-p", "x", "--scheduler", "nope"], "--scheduler"),
     (["generate", "-p", "x", "--steps", "two"], "--steps"),
@@ -416,7 +412,6 @@ def test_sigterm_real_process_keeps_finished_images(home, tmp_path):
     import subprocess
     import sys
 
-    demo.default_model_path()  # built here, so the child only loads it
     env = {**os.environ, "CONTROLDIFF_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-m", "controldiff.cli", "generate", "-p", "x", "--steps", "150", "--width", "64",
@@ -466,8 +461,8 @@ def test_cuda_without_cuda_is_one_line(home, capsys, no_model):
 
 
 def test_sizes_are_checked_before_loading(home, capsys, no_model):
-    rc, _, err = run(capsys, "generate", "-p", "x", "--width", 100)
-    assert rc == 2 and "--width: 100 is not a multiple of 8" in err
+    rc, _, err = run(capsys, "generate", "-p", "x", "--width", 102)  # the demo model: latent factor 4
+    assert rc == 2 and "--width: 102 is not a multiple of 4" in err
 
 
 @pytest.mark.parametrize("argv, names", [

@@ -1,0 +1,74 @@
+"""Every control measured on the embedded default model (``controldiff.demo.measure``): the
+same captions and seeds without and with the control, read by the pixel judge. Each threshold
+fails without the control; the full-size numbers are in benchmarks/RESULTS.md and the README
+(``benchmarks/bench_demo_controls.py``); these runs are smaller, for the suite's time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from controldiff import PAG, SAG, Pipeline
+from controldiff.demo import default_model_path, measure
+
+ONE = (0,)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = Pipeline.from_pretrained(default_model_path(), dtype=torch.float32)
+    p.progress = False
+    return p
+
+
+def test_held_out_captions_are_drawn(pipe):
+    singles, twos = measure.held_out_captions()
+    one = measure.accuracy(pipe, singles, ONE)
+    print(one)
+    # far above chance (background and colour 1/8, shape 1/3, size 1/2); position is not learned yet
+    assert one["background"] >= 0.7 and one["colour"] >= 0.45 and one["shape"] >= 0.4 and one["size"] >= 0.7
+    assert one["present"] == 1.0
+
+
+def test_negative_prompt_removes_a_colour(pipe):
+    r = measure.negative_prompt(pipe, n=4, seeds=ONE)
+    print(r)
+    assert r["with"] < 0.25 * r["without"] and r["without"] > 0.02
+
+
+def test_sega_adds_and_removes_a_concept(pipe):
+    r = measure.sega(pipe)  # full size: on one seed alone the effect is within the noise
+    print(r)
+    assert r["added colour, with"] > 1.4 * r["added colour, without"]
+    assert r["removed colour, with"] < 0.8 * r["removed colour, without"]
+
+
+def test_img2img_change_grows_with_strength(pipe):
+    r = measure.img2img_strength(pipe, strengths=(0.2, 0.5, 0.8), n=3, seeds=ONE)
+    print(r)
+    values = list(r.values())
+    assert values == sorted(values) and values[-1] > 1.5 * values[0]
+
+
+def test_inpainting_draws_in_the_mask_and_keeps_the_rest(pipe):
+    r = measure.inpainting(pipe, n=4, seeds=ONE)
+    print(r)
+    assert r["new object found"] >= 0.75 and r["new object in the init image"] == 0
+    assert r["change outside the mask"] < 0.06  # the VAE's round trip (4-channel latent blending)
+
+
+def test_regions_put_each_object_in_its_box(pipe):
+    r = measure.regions(pipe, n=8, seeds=ONE)
+    print(r)
+    assert r["with"] >= r["without"] + 0.2
+
+
+def test_multidiffusion_panorama_has_no_seams(pipe):
+    r = measure.panorama_seams(pipe, n=2, seeds=ONE)
+    print(r)
+    assert r["MultiDiffusion"] < 1.5 and r["separate tiles"] > 2 * r["MultiDiffusion"]
+
+
+def test_time_edit_makes_circles_red(pipe):
+    r = measure.model_editing(pipe, n=5, seeds=ONE)
+    print(r)
+    assert r["with"] > r["without"] + 0.1
