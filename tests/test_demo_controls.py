@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controldiff import PAG, SAG, Pipeline
+from controldiff import Pipeline
 from controldiff.demo import default_model_path, measure
 
 ONE = (0,)
