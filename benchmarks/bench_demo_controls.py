@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ ROWS = {
     "TIME": measure.model_editing,
     "SAG": lambda pipe: measure.guidance(pipe, SAG(0.75)),
     "PAG": lambda pipe: measure.guidance(pipe, PAG(3.0)),
+    "LoRA new shape": lambda pipe: measure.lora_new_shape(pipe, pipe.path, tempfile.mkdtemp()),
 }
 
 

@@ -72,3 +72,9 @@ def test_time_edit_makes_circles_red(pipe):
     r = measure.model_editing(pipe, n=5, seeds=ONE)
     print(r)
     assert r["with"] > r["without"] + 0.1
+
+
+def test_a_lora_learns_a_new_shape(pipe, tmp_path):
+    r = measure.lora_new_shape(pipe, default_model_path(), tmp_path)
+    print(r)
+    assert r["with"] >= r["without"] + 0.2
