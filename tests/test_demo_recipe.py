@@ -121,9 +121,28 @@ def test_a_tiny_recipe_run_makes_a_model_the_pipeline_loads(tmp_path):
     assert info["step"] == 3 and info["recipe"]["steps"] == 3
     vae_losses = [e["loss"] for e in info["log"] if e["stage"] == "vae"]
     assert vae_losses[-1] < vae_losses[0]  # it trains (mean loss of steps 9-12 below 1-4)
-    assert not list(tmp_path.glob(".model.*"))  # snapshots were renamed into place, no temp left
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # snapshots renamed into place, no temp left
     pipe = Pipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor != 1.0
     img = pipe("a small red circle at the center on a blue background", num_inference_steps=2, seed=1,
                output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps: expected a positive integer"), (dict(batch=2.5), "batch: expected a positive integer"),
+    (dict(lr=0.0), "lr: expected a finite number > 0"), (dict(caption_dropout=1.0), "caption_dropout"),
+    (dict(levels=5), "levels: expected 3 or 4"), (dict(vae_from="/no/such"), "vae_from: /no/such has no vae/"),
+])
+def test_recipe_settings_are_checked_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        recipe.Recipe(**kwargs)
+
+
+def test_recipe_command_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        recipe.main([str(tmp_path / "out"), "--steps", "0"])
+    assert e.value.code == 2 and "steps: expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.main([str(tmp_path), "--ship"])  # not a trained folder: nothing is copied into the package
+    assert "is not a trained model folder" in capsys.readouterr().err

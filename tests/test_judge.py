@@ -305,3 +305,14 @@ def test_parse_caption_rejects_short_and_overlong_captions():
         parse_caption(four)
     with pytest.raises(TypeError, match="caption"):
         parse_caption(None)
+
+
+def test_colour_area_is_the_share_of_a_colour():
+    from controldiff.demo.judge import colour_area
+
+    s = scenes.Scene((scenes.Thing("red", "square", "center", "large"),), "blue")
+    pixels = np.asarray(scenes.render(s))
+    covered = scenes.masks(s)[0].mean()
+    assert abs(colour_area(pixels, "red") - covered) < 0.01
+    assert abs(colour_area(pixels, "blue") - (1 - covered)) < 0.01 and colour_area(pixels, "green") == 0
+    assert colour_area(pixels[:, :16], "red") == 0  # any size: the left quarter holds no square

@@ -215,6 +215,13 @@ def _nearest_colour(rgb: np.ndarray) -> np.ndarray:
     return np.argmin(((rgb[..., None, :] - _RGB) ** 2).sum(-1), axis=-1)
 
 
+def colour_area(pixels: np.ndarray, colour: str) -> float:
+    """Fraction of the (H, W, 3) uint8 ``pixels`` (any size) nearer to ``colour`` than to any
+    other named colour, and within 60 of it: how much of a picture a colour covers."""
+    d = ((pixels.reshape(-1, 1, 3).astype(np.float32) - _RGB[None]) ** 2).sum(-1)
+    return float(((d.argmin(1) == _NAMES.index(colour)) & (d.min(1) < 60.0 ** 2)).mean())
+
+
 _MIN_MIX = 0.6  # a blob's colour may be this little of a named colour, the rest background
 
 

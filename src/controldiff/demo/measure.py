@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import scenes
-from .judge import judge, summarize
+from .judge import colour_area, judge, summarize
 
 STEPS = 20
 SEEDS = (0, 1)
@@ -25,16 +25,6 @@ def _generate(pipe, prompt, seed: int, **kwargs) -> np.ndarray:
     kwargs.setdefault("num_inference_steps", STEPS)
     out = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs)
     return (out.images[0] * 255).round().astype(np.uint8)
-
-
-def colour_area(pixels: np.ndarray, colour: str) -> float:
-    """Fraction of pixels nearer to ``colour`` than to any other named colour (and close to it)."""
-    names = list(scenes.COLOURS)
-    rgb = np.array([scenes.COLOURS[c] for c in names], np.float32)
-    d = ((pixels.reshape(-1, 1, 3).astype(np.float32) - rgb[None]) ** 2).sum(-1)
-    nearest = d.argmin(1)
-    close = d.min(1) < 60.0 ** 2
-    return float(((nearest == names.index(colour)) & close).mean())
 
 
 def held_out_captions(n_two: int = 20, seed: int = 0) -> tuple[list[str], list[str]]:

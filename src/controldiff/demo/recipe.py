@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,11 +57,26 @@ class Recipe:
     log_every: int = 50
     device: str = "cpu"
 
+    def __post_init__(self):
+        """Every number, before any work: a bad one would surface an hour into a run."""
+        from ..checks import positive_int
+
+        for name in ("vae_steps", "vae_batch", "steps", "batch", "warmup", "pool", "snapshot_every", "log_every"):
+            positive_int(getattr(self, name), name)
+        for name in ("vae_lr", "lr", "snr_gamma"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name}: expected a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("kl_weight", "caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)!r}")
+        if self.levels not in (3, 4):
+            raise ValueError(f"levels: expected 3 or 4, got {self.levels!r}")
+        if self.vae_from and not (Path(self.vae_from) / "vae").is_dir():
+            raise ValueError(f"vae_from: {self.vae_from} has no vae/ folder (expected a trained model folder)")
+
 
 def unet_config(levels: int = 3) -> dict:
     """No attention at 16x16 (it costs most; the coarser levels place things)."""
-    if levels not in (3, 4):
-        raise ValueError(f"levels: expected 3 or 4, got {levels!r}")
     cfg = tiny.unet_config("sd1", sample_size=scenes.SIZE // 4, cross_attention_dim=64)
     cfg.update(block_out_channels=[32, 64, 128, 128][:levels], layers_per_block=1, norm_num_groups=16,
                attention_head_dim=8,
@@ -216,6 +232,9 @@ def ship(src: Path, dst: Path) -> Path:
 
     from ..training.checkpoint import atomic_folder
 
+    if not (Path(src) / "model_index.json").is_file():
+        raise ValueError(f"ship: {src} is not a trained model folder (no model_index.json)")
+
     def fill(tmp: Path) -> None:
         for f in sorted(Path(src).rglob("*")):
             target = tmp / f.relative_to(src)
@@ -234,7 +253,8 @@ def train(out: Path, r: Recipe) -> Path:
     out = Path(out)
     log: list = []
     start = time.perf_counter()
-    tok_dir = out.parent / f".{out.name}-tokenizer"
+    tmp = tempfile.TemporaryDirectory(prefix="controldiff-tokenizer-")
+    tok_dir = Path(tmp.name)
     vocab = write_tokenizer(tok_dir, scenes.WORDS)
     from transformers import CLIPTokenizer
 
@@ -256,7 +276,8 @@ def train(out: Path, r: Recipe) -> Path:
         save(out, unet, vae, te, tok_dir, extra(step))
         print(f"snapshot at step {step}: {out}", flush=True)
 
-    train_model(r, vae, tokenizer, vocab, log, snapshot)
+    with tmp:
+        train_model(r, vae, tokenizer, vocab, log, snapshot)
     return out
 
 
@@ -272,12 +293,16 @@ def main(argv=None) -> int:
     args = vars(p.parse_args(argv))
     torch.set_num_threads(args.pop("threads"))
     out = args.pop("out")
-    if args.pop("ship"):
-        from . import MODEL_DIR
+    try:
+        if args.pop("ship"):
+            from . import MODEL_DIR
 
-        print(ship(out, MODEL_DIR))
-        return 0
-    train(out, Recipe(**args))
+            print(ship(out, MODEL_DIR))
+            return 0
+        recipe = Recipe(**args)
+    except ValueError as e:
+        p.error(str(e))
+    train(out, recipe)
     return 0
 
 
