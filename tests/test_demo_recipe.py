@@ -129,10 +129,26 @@ def test_a_tiny_recipe_run_makes_a_model_the_pipeline_loads(tmp_path):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+def test_learning_rate_and_noise_schedules():
+    constant = recipe.Recipe(steps=1000, warmup=100)
+    assert [recipe.lr_factor(constant, s) for s in (0, 49, 99, 500, 999)] == [0.01, 0.5, 1.0, 1.0, 1.0]
+    cosine = recipe.Recipe(steps=1000, warmup=100, lr_decay="cosine", min_lr_ratio=0.1)
+    values = [recipe.lr_factor(cosine, s) for s in range(100, 1001, 100)]
+    assert values[0] == 1.0 and values == sorted(values, reverse=True) and values[-1] == pytest.approx(0.1)
+    # SD's schedule keeps 7% of the signal at the last step, DDPM's linear one 0.6% (the docstring's reason)
+    from controldiff.schedulers import create
+
+    for name, kept in (("scaled_linear", 0.068), ("linear", 0.0064)):
+        sched = create("ddpm", recipe.scheduler_config(name))
+        assert float(sched.alphas_cumprod[-1]) ** 0.5 == pytest.approx(kept, rel=0.02)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps: expected a positive integer"), (dict(batch=2.5), "batch: expected a positive integer"),
     (dict(lr=0.0), "lr: expected a finite number > 0"), (dict(caption_dropout=1.0), "caption_dropout"),
     (dict(levels=5), "levels: expected 3 or 4"), (dict(vae_from="/no/such"), "vae_from: /no/such has no vae/"),
+    (dict(beta_schedule="cosine"), "beta_schedule: expected one of"), (dict(lr_decay="step"), "lr_decay"),
+    (dict(min_lr_ratio=2.0), "min_lr_ratio"),
 ])
 def test_recipe_settings_are_checked_before_any_work(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import tiny
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 NAME = "controldiff-scenes-64"
@@ -48,10 +47,10 @@ def write_component(folder: Path, config: dict | None, state: dict, class_name: 
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
 
 
-def write_index(folder: Path) -> None:
+def write_index(folder: Path, scheduler: dict) -> None:
     """The scheduler config and ``model_index.json``, last: its presence marks a complete folder."""
     (folder / "scheduler").mkdir()
-    sched = {**tiny.scheduler_config("sd1"), "_diffusers_version": "0.42.1"}
+    sched = {**scheduler, "_diffusers_version": "0.42.1"}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",

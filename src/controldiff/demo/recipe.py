@@ -10,6 +10,10 @@ Two stages, each a pure function of the seed and the step counts:
 2. the UNet and the CLIP text encoder together, epsilon prediction on the DDPM
    scaled-linear schedule (SD's), min-SNR weighting, 10% empty captions (for classifier-free
    guidance), AdamW, an EMA of both; latents of a fixed pool of scenes encoded once.
+   ``--beta-schedule linear`` (DDPM's) and ``--lr-decay cosine`` are there for the position
+   experiment (README): on a 16x16 latent, SD's last step keeps 7% of the signal, so the coarse
+   layout shows through the noise at an SNR near 1 and a model can learn to read where things
+   go from the starting noise instead of the caption; ``linear`` keeps 0.6%.
 It finishes on a 2-core CPU (one thread: see ``benchmarks/RESULTS.md`` for the times), and
 on a GPU when one is given (``--device cuda``). ``OUT`` gets a diffusers-layout folder (the
 EMA weights, safetensors) and ``recipe.json``: the settings, the losses and the times. A
@@ -33,7 +37,7 @@ from .. import tiny
 from . import scenes
 from .tokenizer import write_tokenizer
 
-__all__ = ["Recipe", "unet_config", "vae_config", "text_encoder_config", "train", "main"]
+__all__ = ["Recipe", "scheduler_config", "unet_config", "vae_config", "text_encoder_config", "train", "main"]
 
 
 @dataclass
@@ -47,6 +51,9 @@ class Recipe:
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100
+    lr_decay: str = "constant"    # (after warm-up) or "cosine"
+    min_lr_ratio: float = 0.05    # the cosine decay ends at lr * this
+    beta_schedule: str = "scaled_linear"  # SD's, or "linear" (DDPM's; see the module docstring)
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
@@ -69,10 +76,35 @@ class Recipe:
         for name in ("kl_weight", "caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)!r}")
+        if self.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"lr_decay: expected 'cosine' or 'constant', got {self.lr_decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        if self.beta_schedule not in BETAS:
+            raise ValueError(f"beta_schedule: expected one of {sorted(BETAS)}, got {self.beta_schedule!r}")
         if self.levels not in (3, 4):
             raise ValueError(f"levels: expected 3 or 4, got {self.levels!r}")
         if self.vae_from and not (Path(self.vae_from) / "vae").is_dir():
             raise ValueError(f"vae_from: {self.vae_from} has no vae/ folder (expected a trained model folder)")
+
+
+BETAS = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def scheduler_config(beta_schedule: str = "scaled_linear") -> dict:
+    """The model folder's scheduler: SD1's PNDM config on the recipe's noise schedule."""
+    start, end = BETAS[beta_schedule]
+    return {**tiny.scheduler_config("sd1"), "beta_schedule": beta_schedule, "beta_start": start, "beta_end": end}
+
+
+def lr_factor(r: Recipe, step: int) -> float:
+    """Linear warm-up, then constant or a cosine decay to ``min_lr_ratio``."""
+    if step < r.warmup:
+        return (step + 1) / r.warmup
+    if r.lr_decay == "constant":
+        return 1.0
+    done = min((step - r.warmup) / max(r.steps - r.warmup, 1), 1.0)
+    return r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def unet_config(levels: int = 3) -> dict:
@@ -170,9 +202,9 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     te, unet = te.to(r.device).train(), unet.to(r.device).train()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s))
     ema = EMA(params, decay=r.ema_decay)
-    objective = Objective(create("ddpm", tiny.scheduler_config("sd1")), snr_gamma=r.snr_gamma)
+    objective = Objective(create("ddpm", scheduler_config(r.beta_schedule)), snr_gamma=r.snr_gamma)
 
     rng = random.Random(f"pool-{r.seed}")
     moments, captions = [], []
@@ -207,7 +239,7 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     return unet.eval(), te.eval()
 
 
-def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict) -> Path:
+def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict, scheduler: dict) -> Path:
     """The diffusers layout, filled in a temp folder and renamed (a fault keeps the last one)."""
     from ..training.checkpoint import atomic_folder
     from . import write_component, write_index
@@ -220,20 +252,20 @@ def save(folder: Path, unet, vae, te, tokenizer_dir: Path, extra: dict) -> Path:
         for f in tokenizer_dir.iterdir():
             (tmp / "tokenizer" / f.name).write_bytes(f.read_bytes())
         (tmp / "recipe.json").write_text(json.dumps(extra, indent=1))
-        write_index(tmp)
+        write_index(tmp, scheduler)
 
     return atomic_folder(Path(folder), fill)
 
 
-def ship(src: Path, dst: Path) -> Path:
+def ship(src: Path, dst: Path, marker: str = "model_index.json") -> Path:
     """Copy a trained folder as the package ships it: weights in float16 (half the size; the
     pipeline loads them in the dtype asked for), everything else as it is."""
     from safetensors.torch import load_file, save_file
 
     from ..training.checkpoint import atomic_folder
 
-    if not (Path(src) / "model_index.json").is_file():
-        raise ValueError(f"ship: {src} is not a trained model folder (no model_index.json)")
+    if not (Path(src) / marker).is_file():
+        raise ValueError(f"ship: {src} is not a trained model folder (no {marker})")
 
     def fill(tmp: Path) -> None:
         for f in sorted(Path(src).rglob("*")):
@@ -273,7 +305,7 @@ def train(out: Path, r: Recipe) -> Path:
                 "threads": torch.get_num_threads(), "log": log}
 
     def snapshot(unet, te, step):
-        save(out, unet, vae, te, tok_dir, extra(step))
+        save(out, unet, vae, te, tok_dir, extra(step), scheduler_config(r.beta_schedule))
         print(f"snapshot at step {step}: {out}", flush=True)
 
     with tmp:
