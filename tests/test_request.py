@@ -103,6 +103,17 @@ def test_schema_lists_every_exported_control_or_says_why_not():
     assert items["x-refused-controls"] == refused
 
 
+def test_every_control_is_described_by_its_own_text():
+    from controldiff.sampling.control import Control
+
+    base = inspect.getdoc(Control).split("\n\n")[0].replace("\n", " ")
+    items = {i["title"]: i for i in schema()["properties"]["controls"]["items"]["anyOf"]}
+    for name in control_names():
+        d = items[name].get("description") or ""
+        assert len(d) > 20 and d != base, (name, d)
+    assert items["SAG"]["description"].startswith("Self-attention guidance (SAG)")
+
+
 def test_control_schemas_are_the_constructors_signatures():
     items = {i["title"]: i for i in schema()["properties"]["controls"]["items"]["anyOf"]}
     for name in control_names():

@@ -13,6 +13,7 @@ import inspect
 import io
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -518,6 +519,7 @@ def record_of(cls, parameters, overrides, build: Optional[Callable] = None):
             d = json_default(default)
             if not isinstance(d, Unsupported):
                 defaults[name] = d
-    doc = inspect.getdoc(cls) or ""
+    # the class's own docstring, else its module's (not one inherited from a base class)
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or getattr(sys.modules.get(cls.__module__), "__doc__", "") or "")
     return Record(props, required, defaults, build or cls, title=cls.__name__,
                   description=doc.split("\n\n")[0].replace("\n", " ") or None, refused=refused)
