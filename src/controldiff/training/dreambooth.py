@@ -97,7 +97,7 @@ class DreamBooth:
                 save_file({k: v.detach().contiguous() for k, v in c.unet.state_dict().items()},
                           str(folder / name / UNET_WEIGHTS), metadata={"format": "pt"})
             elif name in self.trained:
-                self.trained[name].save_pretrained(folder / name)
+                _save_quietly(self.trained[name], folder / name)
             elif (src / name).is_dir():  # unchanged: the base model's files
                 shutil.copytree(src / name, folder / name)
         scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -127,3 +127,17 @@ class DreamBooth:
             tensors = {k: v.detach() for k, v in self.single_file_state().items()}
             files.append(write(output / f"{output.resolve().name}.safetensors", tensors, {"format": "pt"}))
         return files
+
+
+def _save_quietly(model, folder: Path) -> None:
+    """transformers' ``save_pretrained`` without its "Writing model shards" bar (one shard here;
+    the run's own bar, or ``--no-progress``, says what is happening)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
