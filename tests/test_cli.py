@@ -506,3 +506,17 @@ def test_png_records_the_values_the_pipeline_used(home, tmp_path, capsys, monkey
     text = read_parameters(tmp_path / "d.png")
     assert "Steps: 33, Sampler: Euler, CFG scale: 4.5, Seed: 1" in text
     assert 'SAG 0: "{\\"scale\\": 0.75}"' in text
+
+
+@pytest.mark.parametrize("module", ["controldiff", "controldiff.cli"])
+def test_python_dash_m_reports_a_subcommands_errors(tmp_path, module):
+    """``python -m controldiff`` and ``python -m controldiff.cli`` catch the errors the
+    subcommands raise (under ``-m controldiff.cli`` the module used to exist twice, so a
+    training error escaped as a traceback)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", module, "train", "lora", str(tmp_path / "nothing"), "--data",
+                          str(tmp_path), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "controldiff train: error: argument MODEL: not a model folder" in run.stderr

@@ -656,5 +656,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m controldiff.cli: run the package's module, so that the
+    from controldiff.cli import main as _main  # error classes the subcommands raise are the ones caught
+
+    sys.exit(_main())

@@ -43,8 +43,7 @@ def add_parser(sub) -> None:
 
 
 def folders_from_args(args):
-    """The request ``Folders`` of the command line. Errors are ValueErrors (main() reports them,
-    also when it runs as ``python -m controldiff.cli``, a second copy of the module's classes)."""
+    """The request ``Folders`` of the command line. Errors are ValueErrors (main() reports them)."""
     from ..request import Folders
 
     for flag, dirs in (("--model-dir", args.model_dirs), ("--lora-dir", args.lora_dirs),

@@ -25,7 +25,7 @@ class Worker:
         self.folders = folders
         try:
             self.device, self.dtype = _device_and_dtype(device, dtype)
-        except UsageError as e:  # a ValueError for every caller (a Ray actor, python -m controldiff.cli)
+        except UsageError as e:  # a ValueError for every caller (a Ray actor too)
             raise ValueError(str(e)) from None
         self._pipe, self._model = None, None
 
