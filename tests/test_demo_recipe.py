@@ -148,6 +148,7 @@ def test_learning_rate_and_noise_schedules():
     (dict(lr=0.0), "lr: expected a finite number > 0"), (dict(caption_dropout=1.0), "caption_dropout"),
     (dict(levels=5), "levels: expected 3 or 4"), (dict(vae_from="/no/such"), "vae_from: /no/such has no vae/"),
     (dict(beta_schedule="cosine"), "beta_schedule: expected one of"), (dict(lr_decay="step"), "lr_decay"),
+    (dict(target_latents="mode"), "target_latents: expected"),
     (dict(min_lr_ratio=2.0), "min_lr_ratio"),
 ])
 def test_recipe_settings_are_checked_before_any_work(kwargs, match):

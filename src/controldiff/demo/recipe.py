@@ -58,6 +58,7 @@ class Recipe:
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     pool: int = 40000             # scenes whose latents stage 2 trains on
+    target_latents: str = "sample"  # the VAE posterior's draws (the shipped model) or "mean" (see demo/variants.py)
     snapshot_every: int = 500
     levels: int = 3               # UNet resolutions: 16, 8, 4 (, 2) latent pixels
     vae_from: str = ""            # a trained model folder whose VAE to reuse (skips stage 1)
@@ -80,6 +81,8 @@ class Recipe:
             raise ValueError(f"lr_decay: expected 'cosine' or 'constant', got {self.lr_decay!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        if self.target_latents not in ("mean", "sample"):
+            raise ValueError(f"target_latents: expected 'mean' or 'sample', got {self.target_latents!r}")
         if self.beta_schedule not in BETAS:
             raise ValueError(f"beta_schedule: expected one of {sorted(BETAS)}, got {self.beta_schedule!r}")
         if self.levels not in (3, 4):
@@ -223,7 +226,8 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     order = torch.Generator().manual_seed(r.seed + 2)
     for step in range(1, r.steps + 1):
         idx = torch.randint(0, len(captions), (r.batch,), generator=order)
-        latents = DiagonalGaussian(moments[idx].to(r.device)).sample() * vae.config.scaling_factor
+        posterior = DiagonalGaussian(moments[idx].to(r.device))
+        latents = (posterior.sample() if r.target_latents == "sample" else posterior.mode()) * vae.config.scaling_factor
         text = ["" if rng.random() < r.caption_dropout else captions[i] for i in idx.tolist()]
         embeds, _ = encode([tokenizer], [te], text, sdxl=False)
         stage.step(step, objective(unet, latents, embeds))
