@@ -18,8 +18,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from controldiff import PAG, SAG, Pipeline  # noqa: E402
-from controldiff.demo import default_model_path, measure  # noqa: E402
+from controldiff import PAG, SAG, Pipeline, load_controlnet  # noqa: E402
+from controldiff.demo import default_model_path, measure, measure_editing  # noqa: E402
+from controldiff.demo.variants import variant_path  # noqa: E402
+
+
+def _new_shape(pipe: Pipeline, method: str) -> dict:
+    return measure.new_shape(pipe, pipe.path, tempfile.mkdtemp(), method)
+
 
 ROWS = {
     "base": measure.base,
@@ -33,7 +39,15 @@ ROWS = {
     "TIME": measure.model_editing,
     "SAG": lambda pipe: measure.guidance(pipe, SAG(0.75)),
     "PAG": lambda pipe: measure.guidance(pipe, PAG(3.0)),
-    "LoRA new shape": lambda pipe: measure.lora_new_shape(pipe, pipe.path, tempfile.mkdtemp()),
+    "LoRA new shape": lambda pipe: _new_shape(pipe, "lora"),
+    "DreamBooth new shape": lambda pipe: _new_shape(pipe, "dreambooth"),
+    "textual inversion new shape": lambda pipe: _new_shape(pipe, "textual-inversion"),
+    "Pix2Pix-Zero": measure_editing.pix2pix_zero,
+    "DiffEdit": measure_editing.diffedit,
+    "LEDITS++": measure_editing.ledits,
+    "ControlNet (edges)": lambda pipe: measure.controlnet(pipe, load_controlnet(variant_path("controlnet-edges"))),
+    "ControlNet (positions)": lambda pipe: measure.controlnet(
+        pipe, load_controlnet(variant_path("controlnet-positions")), "positions"),
 }
 
 

@@ -74,7 +74,23 @@ def test_time_edit_makes_circles_red(pipe):
     assert r["with"] > r["without"] + 0.1
 
 
-def test_a_lora_learns_a_new_shape(pipe, tmp_path):
-    r = measure.lora_new_shape(pipe, default_model_path(), tmp_path)
+@pytest.mark.parametrize("method, gain", [("lora", 0.2), ("dreambooth", 0.2), ("textual-inversion", 0.1)])
+def test_training_learns_a_new_shape(pipe, tmp_path, method, gain):
+    r = measure.new_shape(pipe, default_model_path(), tmp_path, method)
     print(r)
-    assert r["with"] >= r["without"] + 0.2
+    assert r["with"] >= r["without"] + gain
+
+
+# ----------------------------------------------------------------------------- the variants (demo/variants.py)
+
+
+@pytest.mark.parametrize("kind", ["edges", "positions"])
+def test_a_controlnet_puts_the_objects_on_the_map(pipe, kind):
+    from controldiff import load_controlnet
+    from controldiff.demo.variants import variant_path
+
+    model = load_controlnet(variant_path(f"controlnet-{kind}"))
+    r = measure.controlnet(pipe, model, kind, n=6, seeds=ONE)
+    print(r)
+    assert r["position, with"] >= 0.85 and r["position, with"] >= r["position, without"] + 0.4
+    assert r["IoU, with"] >= r["IoU, without"] + 0.07

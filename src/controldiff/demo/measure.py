@@ -8,6 +8,7 @@ holds each to a threshold that fails without the control.
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -244,39 +245,126 @@ def guidance(pipe, control, seeds=(0,), n: int = 15) -> dict:
     return {"without": accuracy(pipe, singles[:n], seeds), "with": accuracy(pipe, singles[:n], seeds, controls=[control])}
 
 
-def lora_new_shape(pipe, model_dir, work_dir, shape: str = "star", n_train: int = 32, steps: int = 300,
-                   n: int = 12, seeds=(0,)) -> dict:
-    """A LoRA (UNet and text encoder, rank 8) trained with ``controldiff train`` on ``n_train``
-    scenes of a shape the model never saw, captioned by the grammar: how often the judge finds
-    that shape on other captions with it, without and with the LoRA (unloaded after)."""
+NEW_SHAPE_TRAINING = {  # method -> its `controldiff train` settings on the scenes of a new shape
+    "lora": ["--steps", "300", "--lr", "1e-3", "--rank", "8", "--train-text-encoder", "--format", "diffusers"],
+    "dreambooth": ["--steps", "300", "--lr", "1e-4", "--train-text-encoder", "--format", "diffusers"],
+    "textual-inversion": ["--steps", "300", "--lr", "5e-3", "--token", "<new>", "--initializer-token", "triangle"],
+}
+
+
+def new_shape(pipe, model_dir, work_dir, method: str = "lora", shape: str = "star", n_train: int = 32,
+              n: int = 12, seeds=(0,)) -> dict:
+    """LoRA, DreamBooth or textual inversion trained with ``controldiff train`` on ``n_train``
+    scenes of a shape the base model never saw, captioned by the grammar (textual inversion: the
+    shape's word replaced by its new token): how often the judge finds that shape on other
+    captions with it, without and with what was trained (unloaded after)."""
     from pathlib import Path
 
     from .. import cli
+    from ..pipeline import Pipeline
 
-    work = Path(work_dir)
+    if method not in NEW_SHAPE_TRAINING:
+        raise ValueError(f"method: expected one of {list(NEW_SHAPE_TRAINING)}, got {method!r}")
+    word = "<new>" if method == "textual-inversion" else shape
+    work, rng = Path(work_dir), random.Random(9)
     data = work / "data"
     data.mkdir(parents=True)
-    rng = random.Random(9)
     for i in range(n_train):
         s = scenes.sample(rng, count=1, shapes=(shape,))
         scenes.render(s).save(data / f"{i:03d}.png")
-        (data / f"{i:03d}.txt").write_text(s.caption())
-    rc = cli.main(["train", "lora", str(model_dir), "--data", str(data), "--output", str(work / "lora"),
-                   "--resolution", str(scenes.SIZE), "--steps", str(steps), "--batch-size", "8", "--lr", "1e-3",
-                   "--rank", "8", "--seed", "0", "--train-text-encoder", "--center-crop", "--no-progress",
-                   "--format", "diffusers"])
+        (data / f"{i:03d}.txt").write_text(s.caption().replace(shape, word))
+    rc = cli.main(["train", method, str(model_dir), "--data", str(data), "--output", str(work / method),
+                   "--resolution", str(scenes.SIZE), "--batch-size", "8", "--seed", "0", "--center-crop",
+                   "--no-progress", *NEW_SHAPE_TRAINING[method]])
     if rc != 0:
-        raise RuntimeError(f"controldiff train lora exited {rc}")
-    captions = [scenes.sample(rng, count=1, shapes=(shape,)).caption() for _ in range(n)]
+        raise RuntimeError(f"controldiff train {method} exited {rc}")
+    tests = [scenes.sample(rng, count=1, shapes=(shape,)) for _ in range(n)]
 
-    def found():
-        hits = [o.present and o.blob.shape == shape for c in captions for s in seeds
-                for o in judge(_generate(pipe, c, s), c).objects]
-        return float(np.mean(hits))
+    def found(p, word):
+        return float(np.mean([o.present and o.blob.shape == shape for s in tests for seed in seeds
+                              for o in judge(_generate(p, s.caption().replace(shape, word), seed), s).objects]))
 
-    without = found()
-    name = pipe.load_lora(work / "lora" / "pytorch_lora_weights.safetensors")
+    without = found(pipe, shape)
+    if method == "dreambooth":
+        tuned = Pipeline.from_pretrained(work / method / "diffusers", dtype=torch.float32)
+        tuned.progress = False
+        return {"without": without, "with": found(tuned, shape)}
+    if method == "lora":
+        unload = partial(pipe.unload_lora, pipe.load_lora(work / method / "pytorch_lora_weights.safetensors"))
+    else:
+        pipe.load_textual_inversion(work / method / "learned_embeds.safetensors")
+        unload = partial(pipe.unload_textual_inversion, word)
     try:
-        return {"without": without, "with": found()}
+        return {"without": without, "with": found(pipe, word)}
     finally:
-        pipe.unload_lora(name)
+        unload()
+
+
+# ----------------------------------------------------------------------------- the variants (demo/variants.py)
+
+
+def _foreground(img: np.ndarray) -> np.ndarray:
+    """Pixels far (> 60) from the image's own background: the median colour of its border."""
+    px = img.astype(np.float32)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    return np.sqrt(((px - np.median(border, axis=0)) ** 2).sum(-1)) > 60
+
+
+def controlnet(pipe, model, kind: str = "edges", n: int = 8, seeds=SEEDS, scale: float = 1.0) -> dict:
+    """Scenes of 1-3 objects (held-out ones too), their own captions, and the ControlNet given
+    their edge or position map: the IoU of what is drawn with the scene's silhouettes, and the
+    judge's shape and position accuracy, without and with."""
+    from ..controls.controlnet import ControlNet
+
+    draw = {"edges": scenes.edge_map, "positions": scenes.position_map}[kind]
+    rng = random.Random(10)
+    out = {f"{k}, {w}": [] for k in ("IoU", "shape", "position") for w in ("without", "with")}
+    for _ in range(n):
+        s = scenes.sample(rng, held="any")
+        truth = scenes.masks(s).max(axis=0) > 0.5
+        for seed in seeds:
+            for w, controls in (("without", []), ("with", [ControlNet(model, draw(s), scale=scale)])):
+                img = _generate(pipe, s.caption(), seed, controls=controls)
+                fg = _foreground(img)
+                out[f"IoU, {w}"].append((fg & truth).sum() / max((fg | truth).sum(), 1))
+                scores = judge(img, s).scores
+                out[f"shape, {w}"].append(scores["shape"] or 0.0)
+                out[f"position, {w}"].append(scores["position"] or 0.0)
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def _touched(source: scenes.Scene, target: scenes.Scene) -> np.ndarray:
+    """Pixels of the first object before or after an edit: what an edit of it may change."""
+    return np.maximum(scenes.masks(source)[0], scenes.masks(target)[0]) > 0.01
+
+
+def instruct_pix2pix(pipe, n: int = 12, seeds=SEEDS, image_guidance_scale: float = 1.5) -> dict:
+    """The grammar's edits ("make the circle red", "turn the square into a triangle", "make
+    the background green") on rendered one-object scenes, with the 8-channel variant: how
+    often the judge reads the asked attribute as changed, and the mean change of the pixels no
+    edit of the object touches; "without" is the same call with an empty instruction."""
+    from ..controls.instruct_pix2pix import InstructPix2Pix
+
+    rng = random.Random(11)
+    out = {f"{k}, {w}": [] for k in ("edit done", "change elsewhere") for w in ("without", "with")}
+    for _ in range(n):
+        source = scenes.sample(rng, count=1)
+        text, target = scenes.edit(rng, source)
+        init = scenes.render(source)
+        before, after = source.things[0], target.things[0]
+        touched = _touched(source, target)
+        for seed in seeds:
+            for w, prompt in (("without", ""), ("with", text)):
+                img = _generate(pipe, prompt, seed, controls=[InstructPix2Pix(init, image_guidance_scale)])
+                v = judge(img, target)
+                if target.background != source.background:
+                    done = v.background == target.background
+                else:
+                    attribute = "colour" if after.colour != before.colour else "shape"
+                    done = bool(v.objects[0].correct(attribute))
+                out[f"edit done, {w}"].append(done)
+                if target.background == source.background:
+                    keep = ~touched
+                    out[f"change elsewhere, {w}"].append(
+                        np.abs(img.astype(float) - np.asarray(init, float))[keep].mean() / 255)
+    return {k: float(np.mean(v)) for k, v in out.items()}
