@@ -106,6 +106,9 @@ def test_the_shipped_controlnets_load_in_diffusers_with_equal_outputs(kind):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kind="lineart"), "kind: expected one of"), (dict(steps=0), "steps: expected a positive integer"),
     (dict(lr=-1.0), "lr: expected a finite number > 0"), (dict(edit_dropout=1.0), "edit_dropout"),
+    (dict(conv_in_lr=0.0), "conv_in_lr: expected a finite number > 0"),
+    (dict(target_latents="mode"), "target_latents: expected .mean. or .sample."),
+    (dict(weighting="snr"), "weighting: expected .min-snr. or .v."),
     (dict(base="/no/such"), "base: /no/such is not a model folder"),
     (dict(init="/no/such"), "init: /no/such is not a trained variant folder"),
 ])
@@ -121,3 +124,20 @@ def test_variant_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         variants.main(["inpaint", str(tmp_path), "--ship"])  # not a trained folder: nothing copied
     assert "is not a trained model folder" in capsys.readouterr().err
+
+
+def test_the_v_weighting_is_the_v_prediction_loss_of_an_epsilon_model():
+    from controldiff.demo.recipe import scheduler_config
+    from controldiff.schedulers import create
+    from controldiff.training.objective import Objective
+
+    objective = Objective(create("ddpm", scheduler_config()), snr_gamma=5.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, eps_hat = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    a = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v, v_hat = a.sqrt() * eps - (1 - a).sqrt() * x0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    expected = (v_hat - v).pow(2).mean(dim=(1, 2, 3)).mean()
+    assert torch.allclose(variants._v_weighted_loss(objective, eps_hat, eps, t), expected, rtol=1e-4)

@@ -300,7 +300,7 @@ def new_shape(pipe, model_dir, work_dir, method: str = "lora", shape: str = "sta
         unload()
 
 
-# ----------------------------------------------------------------------------- the variants (demo/variants.py)
+# ----------------------------------------------------------------------------- the ControlNet variants (demo/variants.py)
 
 
 def _foreground(img: np.ndarray) -> np.ndarray:
@@ -330,41 +330,4 @@ def controlnet(pipe, model, kind: str = "edges", n: int = 8, seeds=SEEDS, scale:
                 scores = judge(img, s).scores
                 out[f"shape, {w}"].append(scores["shape"] or 0.0)
                 out[f"position, {w}"].append(scores["position"] or 0.0)
-    return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-def _touched(source: scenes.Scene, target: scenes.Scene) -> np.ndarray:
-    """Pixels of the first object before or after an edit: what an edit of it may change."""
-    return np.maximum(scenes.masks(source)[0], scenes.masks(target)[0]) > 0.01
-
-
-def instruct_pix2pix(pipe, n: int = 12, seeds=SEEDS, image_guidance_scale: float = 1.5) -> dict:
-    """The grammar's edits ("make the circle red", "turn the square into a triangle", "make
-    the background green") on rendered one-object scenes, with the 8-channel variant: how
-    often the judge reads the asked attribute as changed, and the mean change of the pixels no
-    edit of the object touches; "without" is the same call with an empty instruction."""
-    from ..controls.instruct_pix2pix import InstructPix2Pix
-
-    rng = random.Random(11)
-    out = {f"{k}, {w}": [] for k in ("edit done", "change elsewhere") for w in ("without", "with")}
-    for _ in range(n):
-        source = scenes.sample(rng, count=1)
-        text, target = scenes.edit(rng, source)
-        init = scenes.render(source)
-        before, after = source.things[0], target.things[0]
-        touched = _touched(source, target)
-        for seed in seeds:
-            for w, prompt in (("without", ""), ("with", text)):
-                img = _generate(pipe, prompt, seed, controls=[InstructPix2Pix(init, image_guidance_scale)])
-                v = judge(img, target)
-                if target.background != source.background:
-                    done = v.background == target.background
-                else:
-                    attribute = "colour" if after.colour != before.colour else "shape"
-                    done = bool(v.objects[0].correct(attribute))
-                out[f"edit done, {w}"].append(done)
-                if target.background == source.background:
-                    keep = ~touched
-                    out[f"change elsewhere, {w}"].append(
-                        np.abs(img.astype(float) - np.asarray(init, float))[keep].mean() / 255)
     return {k: float(np.mean(v)) for k, v in out.items()}

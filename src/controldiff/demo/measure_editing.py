@@ -24,7 +24,7 @@ import numpy as np
 
 from . import scenes
 from .judge import judge
-from .measure import SEEDS, STEPS, _generate, _touched
+from .measure import SEEDS, STEPS, _generate
 
 
 CASES = 20  # the edits' seed: the three functions edit the same scenes
@@ -43,6 +43,11 @@ def edit_cases(n: int, seed: int = CASES) -> list[tuple[scenes.Scene, scenes.Sce
                 break
         out.append((source, target))
     return out
+
+
+def _touched(source: scenes.Scene, target: scenes.Scene) -> np.ndarray:
+    """Pixels of the object before or after the edit: what the edit may change."""
+    return np.maximum(scenes.masks(source)[0], scenes.masks(target)[0]) > 0.01
 
 
 def _score(source: scenes.Scene, target: scenes.Scene, img: np.ndarray) -> tuple[bool, float]:
