@@ -1,5 +1,5 @@
 """Shared fixtures: tiny model folders (built once per session, cached by arguments), an SD1
-pipeline per module, and a guard that no work starts before the arguments are checked."""
+pipeline per module, the embedded default model per module, and a guard that no work starts before the arguments are checked."""
 from __future__ import annotations
 
 import os
@@ -44,6 +44,17 @@ def tiny_model(tmp_path_factory):
 def pipe(tiny_model):
     """A tiny SD1 pipeline without progress bars, one per test module (modules may override)."""
     return ours(tiny_model("sd1"))
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    """The embedded default model (``controldiff.demo``), float32, one per test module."""
+    from controldiff import Pipeline
+    from controldiff.demo import default_model_path
+
+    p = Pipeline.from_pretrained(default_model_path(), dtype=torch.float32)
+    p.progress = False
+    return p
 
 
 @pytest.fixture

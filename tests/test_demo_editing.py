@@ -5,24 +5,13 @@ Each threshold fails without the control; the full-size numbers (n=12, two seeds
 the README. These runs are smaller, for the suite's time."""
 from __future__ import annotations
 
-import pytest
-import torch
-
-from controldiff import Pipeline
-from controldiff.demo import default_model_path, measure_editing
+from controldiff.demo import measure_editing
 
 ONE = (0,)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = Pipeline.from_pretrained(default_model_path(), dtype=torch.float32)
-    p.progress = False
-    return p
-
-
-def test_pix2pix_zero_recolours_and_keeps_the_rest(pipe):
-    r = measure_editing.pix2pix_zero(pipe, n=8, seeds=ONE)
+def test_pix2pix_zero_recolours_and_keeps_the_rest(demo_pipe):
+    r = measure_editing.pix2pix_zero(demo_pipe, n=8, seeds=ONE)
     print(r)
     # measured 0.0 -> 0.62 (n=12, two seeds: 0.0 -> 0.71); the cross-attention guidance adds
     # nothing measurable at 0.1: "direction only" (amount 0) is the same
@@ -31,8 +20,8 @@ def test_pix2pix_zero_recolours_and_keeps_the_rest(pipe):
     assert r["change elsewhere, with"] < 0.1
 
 
-def test_diffedit_recolours_inside_its_own_mask(pipe):
-    r = measure_editing.diffedit(pipe, n=8, seeds=ONE)
+def test_diffedit_recolours_inside_its_own_mask(demo_pipe):
+    r = measure_editing.diffedit(demo_pipe, n=8, seeds=ONE)
     print(r)
     # the automatic mask: 97% of the object's latent cells, 6% of the others
     assert r["mask on the object"] >= 0.8 and r["mask elsewhere"] <= 0.15
@@ -43,8 +32,8 @@ def test_diffedit_recolours_inside_its_own_mask(pipe):
     assert r["change elsewhere, with"] < 0.06
 
 
-def test_ledits_recolours_on_the_inverted_image(pipe):
-    r = measure_editing.ledits(pipe, n=8, seeds=(0, 1))
+def test_ledits_recolours_on_the_inverted_image(demo_pipe):
+    r = measure_editing.ledits(demo_pipe, n=8, seeds=(0, 1))
     print(r)
     # measured 0.0 -> 0.5 (n=12, two seeds: 0.0 -> 0.375): a weaker edit than the others
     assert r["edit done, with"] >= r["edit done, without"] + 0.25
