@@ -70,7 +70,7 @@ class VariantRecipe:
     edit_dropout: float = 0.05    # InstructPix2Pix's conditioning_dropout_prob
     pool: int = 8000
     target_latents: str = "sample"  # a draw of the VAE posterior (the shipped ControlNets), or "mean"
-    weighting: str = "min-snr"    # the loss's weights by noise level: min-SNR-5, or "v" (see _loss_weights)
+    weighting: str = "min-snr"    # the loss's weights by noise level: min-SNR-5, or "v" (see _v_weighted_loss)
     snapshot_every: int = 200
     log_every: int = 50
     device: str = "cpu"
