@@ -20,10 +20,8 @@ CAPTION = "a large red circle at the top left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def base():
-    p = cd.Pipeline.from_pretrained(default_model_path(), dtype=torch.float32)
-    p.progress = False
-    return p
+def base(demo_pipe):
+    return demo_pipe
 
 
 def _image(pipe, **kwargs):
@@ -129,9 +127,8 @@ def test_variant_command_line_errors(tmp_path, capsys):
 def test_the_v_weighting_is_the_v_prediction_loss_of_an_epsilon_model():
     from controldiff.demo.recipe import scheduler_config
     from controldiff.schedulers import create
-    from controldiff.training.objective import Objective
 
-    objective = Objective(create("ddpm", scheduler_config()), snr_gamma=5.0)
+    objective = variants.VWeightedObjective(create("ddpm", scheduler_config()), snr_gamma=5.0)
     g = torch.Generator().manual_seed(0)
     x0, eps, eps_hat = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
     t = torch.tensor([0, 10, 200, 500, 900, 999])
@@ -140,4 +137,27 @@ def test_the_v_weighting_is_the_v_prediction_loss_of_an_epsilon_model():
     x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
     v, v_hat = a.sqrt() * eps - (1 - a).sqrt() * x0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
     expected = (v_hat - v).pow(2).mean(dim=(1, 2, 3)).mean()
-    assert torch.allclose(variants._v_weighted_loss(objective, eps_hat, eps, t), expected, rtol=1e-4)
+    assert torch.allclose(objective(lambda x, tt, e, added_cond_kwargs=None: eps_hat, x0, None, noise=eps,
+                                    timesteps=t), expected, rtol=1e-4)
+
+
+def test_a_widened_conv_in_learns_at_its_own_rate(base):
+    r = variants.VariantRecipe(kind="inpaint", lr=1e-4, conv_in_lr=2e-3)
+    wide = variants.widened_unet(base.unet, 9)
+    rest, first = variants.optimizer(r, wide).param_groups
+    assert first["lr"] == 2e-3 and rest["lr"] == 1e-4
+    assert {id(p) for p in first["params"]} == {id(p) for p in wide.conv_in.parameters()}
+    assert len(rest["params"]) + len(first["params"]) == len(list(wide.parameters()))
+    control = variants.controlnet_from_unet(base.unet)
+    rest, first = variants.optimizer(variants.VariantRecipe(kind="controlnet-edges"), control).param_groups
+    assert not first["params"] and len(rest["params"]) == len(list(control.parameters()))
+
+
+def test_training_targets_are_the_posterior_draws_or_means():
+    from controldiff.demo.recipe import target_latents
+
+    moments = torch.cat([torch.randn(2, 4, 3, 3), torch.full((2, 4, 3, 3), -2.0)], dim=1)
+    assert torch.equal(target_latents(moments, "mean"), moments[:, :4])
+    draw = target_latents(moments, "sample", torch.Generator().manual_seed(1))
+    assert torch.equal(draw, target_latents(moments, "sample", torch.Generator().manual_seed(1)))
+    assert 0.2 < (draw - moments[:, :4]).std() < 0.6  # exp(-2 / 2) = 0.37

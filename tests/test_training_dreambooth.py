@@ -143,7 +143,7 @@ def test_errors(tiny_model, data, tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_cli(tiny_model, data, tmp_path, capsys):
+def test_cli(tiny_model, data, tmp_path, capfd):
     model = str(tiny_model("sd1"))
     assert cli.main(["train", "dreambooth", model, "--data", str(data), "--output", str(tmp_path / "o"),
                      "--prompt", PROMPT, "--class-data", str(tmp_path / "c"), "--class-prompt", CLASS,
@@ -152,9 +152,16 @@ def test_cli(tiny_model, data, tmp_path, capsys):
                      "--no-progress"]) == 0
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["o.safetensors"]
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["class-00000-0.png"]
+    capfd.readouterr()
+    # the diffusers folder, with the text encoder saved by transformers: no bar under --no-progress
+    assert cli.main(["train", "dreambooth", model, "--data", str(data), "--output", str(tmp_path / "f"),
+                     "--prompt", PROMPT, "--train-text-encoder", "--resolution", "32", "--steps", "1",
+                     "--format", "diffusers", "--no-progress"]) == 0
+    assert (tmp_path / "f" / "diffusers" / "text_encoder").is_dir()
+    assert "Writing model shards" not in capfd.readouterr().err
     assert cli.main(["train", "dreambooth", model, "--data", str(data), "--output", str(tmp_path / "o"),
                      "--prompt", PROMPT, "--class-prompt", CLASS]) == 2
-    assert "class_data: prior preservation needs both" in capsys.readouterr().err
+    assert "class_data: prior preservation needs both" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("family,kw", [("sd1", {}), ("sd2", {"prediction_type": "v_prediction"}), ("sdxl", {}),

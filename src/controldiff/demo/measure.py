@@ -28,6 +28,11 @@ def _generate(pipe, prompt, seed: int, **kwargs) -> np.ndarray:
     return (out.images[0] * 255).round().astype(np.uint8)
 
 
+def _means(out: dict) -> dict:
+    """Each key's list of per-image numbers -> its mean."""
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 def held_out_captions(n_two: int = 20, seed: int = 0) -> tuple[list[str], list[str]]:
     """Each held-out object once (on a random background) and ``n_two`` two-object captions
     with a held-out object in them."""
@@ -69,7 +74,7 @@ def negative_prompt(pipe, n: int = 8, seeds=SEEDS) -> dict:
             out["without"].append(colour_area(_generate(pipe, s.caption(), seed), first.colour))
             img = _generate(pipe, s.caption(), seed, negative_prompt=first.phrase())
             out["with"].append(colour_area(img, first.colour))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    return _means(out)
 
 
 def sega(pipe, n: int = 8, seeds=SEEDS, scale: float = 5.0) -> dict:
@@ -316,7 +321,10 @@ def controlnet(pipe, model, kind: str = "edges", n: int = 8, seeds=SEEDS, scale:
     judge's shape and position accuracy, without and with."""
     from ..controls.controlnet import ControlNet
 
-    draw = {"edges": scenes.edge_map, "positions": scenes.position_map}[kind]
+    maps = {"edges": scenes.edge_map, "positions": scenes.position_map}
+    if kind not in maps:
+        raise ValueError(f"kind: expected one of {list(maps)}, got {kind!r}")
+    draw = maps[kind]
     rng = random.Random(10)
     out = {f"{k}, {w}": [] for k in ("IoU", "shape", "position") for w in ("without", "with")}
     for _ in range(n):
@@ -330,4 +338,4 @@ def controlnet(pipe, model, kind: str = "edges", n: int = 8, seeds=SEEDS, scale:
                 scores = judge(img, s).scores
                 out[f"shape, {w}"].append(scores["shape"] or 0.0)
                 out[f"position, {w}"].append(scores["position"] or 0.0)
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    return _means(out)

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import scenes
 from .judge import judge
-from .measure import SEEDS, STEPS, _generate
+from .measure import SEEDS, STEPS, _generate, _means
 
 
 CASES = 20  # the edits' seed: the three functions edit the same scenes
@@ -56,10 +56,6 @@ def _score(source: scenes.Scene, target: scenes.Scene, img: np.ndarray) -> tuple
     init = np.asarray(scenes.render(source), float)
     keep = ~_touched(source, target)
     return done, float(np.abs(img.astype(float) - init)[keep].mean() / 255)
-
-
-def _summary(out: dict) -> dict:
-    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def _record(out: dict, name: str, source, target, img) -> None:
@@ -101,7 +97,7 @@ def pix2pix_zero(pipe, n: int = 12, seeds=SEEDS, amount: float = 0.1, num_reg_st
                                    ("direction only", [Pix2PixZero(src, tgt, 0.0)])):
                 _record(out, name, source, target, _generate(pipe, source.caption(), seed, inversion=inv,
                                                             controls=controls))
-    return _summary(out)
+    return _means(out)
 
 
 def diffedit(pipe, n: int = 12, seeds=SEEDS, strength: float = 0.8) -> dict:
@@ -131,7 +127,7 @@ def diffedit(pipe, n: int = 12, seeds=SEEDS, strength: float = 0.8) -> dict:
                                                            controls=[DiffEdit(mask, inv)]))
             _record(out, "target prompt, no mask", source, target,
                     _generate(pipe, target.caption(), seed, inversion=inv))
-    return _summary(out)
+    return _means(out)
 
 
 def ledits(pipe, n: int = 12, seeds=SEEDS, scale: float = 5.0) -> dict:
@@ -155,4 +151,4 @@ def ledits(pipe, n: int = 12, seeds=SEEDS, scale: float = 5.0) -> dict:
                 img = _generate(pipe, "", seed, inversion=inv, num_inference_steps=inv.num_inference_steps,
                                 guidance_scale=1.0, controls=controls)
                 _record(out, name, source, target, img)
-    return _summary(out)
+    return _means(out)

@@ -100,6 +100,15 @@ def scheduler_config(beta_schedule: str = "scaled_linear") -> dict:
     return {**tiny.scheduler_config("sd1"), "beta_schedule": beta_schedule, "beta_start": start, "beta_end": end}
 
 
+def target_latents(moments: torch.Tensor, how: str, generator=None) -> torch.Tensor:
+    """The unscaled latents a step trains on, from the VAE's posterior ``moments``: a draw
+    (``"sample"``, as diffusers' scripts) or the mean (``"mean"``)."""
+    from ..models.vae import DiagonalGaussian
+
+    posterior = DiagonalGaussian(moments)
+    return posterior.sample(generator) if how == "sample" else posterior.mode()
+
+
 def lr_factor(r: Recipe, step: int) -> float:
     """Linear warm-up, then constant or a cosine decay to ``min_lr_ratio``."""
     if step < r.warmup:
@@ -220,14 +229,11 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     moments = torch.cat(moments)
     print(f"encoded {len(captions)} scenes in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    from ..models.vae import DiagonalGaussian
-
     stage = _Stage("model", params, opt, sched, r, r.steps, log)
     order = torch.Generator().manual_seed(r.seed + 2)
     for step in range(1, r.steps + 1):
         idx = torch.randint(0, len(captions), (r.batch,), generator=order)
-        posterior = DiagonalGaussian(moments[idx].to(r.device))
-        latents = (posterior.sample() if r.target_latents == "sample" else posterior.mode()) * vae.config.scaling_factor
+        latents = target_latents(moments[idx].to(r.device), r.target_latents) * vae.config.scaling_factor
         text = ["" if rng.random() < r.caption_dropout else captions[i] for i in idx.tolist()]
         embeds, _ = encode([tokenizer], [te], text, sdxl=False)
         stage.step(step, objective(unet, latents, embeds))

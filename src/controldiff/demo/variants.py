@@ -28,12 +28,12 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..training.objective import Objective, compute_snr
 from . import MODEL_DIR, scenes
 
 __all__ = ["KINDS", "VariantRecipe", "controlnet_from_unet", "widened_unet", "train", "variant_path", "main"]
@@ -70,7 +70,7 @@ class VariantRecipe:
     edit_dropout: float = 0.05    # InstructPix2Pix's conditioning_dropout_prob
     pool: int = 8000
     target_latents: str = "sample"  # a draw of the VAE posterior (the shipped ControlNets), or "mean"
-    weighting: str = "min-snr"    # the loss's weights by noise level: min-SNR-5, or "v" (see _v_weighted_loss)
+    weighting: str = "min-snr"    # the loss's weights by noise level: min-SNR-5, or "v" (see VWeightedObjective)
     snapshot_every: int = 200
     log_every: int = 50
     device: str = "cpu"
@@ -229,29 +229,34 @@ def _model_fn(r: VariantRecipe, trainable, unet, extra, idx, scale: float, gen: 
     return f
 
 
-def _v_weighted_loss(objective, pred, target, timesteps):
+def optimizer(r: VariantRecipe, trainable) -> torch.optim.AdamW:
+    """AdamW at ``lr``; a widened UNet's ``conv_in`` at ``conv_in_lr`` (its new inputs start at zero)."""
+    first = [] if r.kind.startswith("controlnet") else list(trainable.conv_in.parameters())
+    rest = [p for p in trainable.parameters() if all(p is not q for q in first)]
+    return torch.optim.AdamW([{"params": rest}, {"params": first, "lr": r.conv_in_lr}], lr=r.lr, weight_decay=1e-2)
+
+
+class VWeightedObjective(Objective):
     """The epsilon loss weighted by ``1 + 1/SNR``: what a v-prediction model's loss weighs.
     min-SNR keeps the weight at 1 where the noise dominates, which leaves the x0 error there
     (the layout, what copying the condition fixes) at SNR times its size: 0.005 at the last
     step of SD's schedule."""
-    from ..training.objective import compute_snr
 
-    snr = compute_snr(objective.scheduler.alphas_cumprod, timesteps)
-    per = (pred.float() - target.float()).pow(2).mean(dim=list(range(1, pred.ndim)))
-    return (per * (1 + 1 / snr)).mean()
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        snr = compute_snr(self.scheduler.alphas_cumprod, timesteps)
+        per = (pred.float() - target.float()).pow(2).mean(dim=list(range(1, pred.ndim)))
+        return (per * (1 + 1 / snr)).mean()
 
 
 def train(out: Path, r: VariantRecipe, snapshot=None) -> Path:
     """Fine-tune the variant; ``OUT`` holds its EMA weights after every snapshot."""
     from transformers import CLIPTokenizer
 
-    from ..models.vae import DiagonalGaussian
     from ..pipeline import Pipeline
     from ..schedulers import create
     from ..training.ema import EMA
-    from ..training.objective import Objective
     from ..training.text import encode
-    from .recipe import _Stage
+    from .recipe import _Stage, target_latents
 
     start = time.perf_counter()
     base = Pipeline.from_pretrained(r.base_dir, device=r.device, dtype=torch.float32)
@@ -270,14 +275,11 @@ def train(out: Path, r: VariantRecipe, snapshot=None) -> Path:
     params = [p for p in trainable.parameters()]
     for p in params:
         p.requires_grad_(True)
-    first = [] if r.kind.startswith("controlnet") else list(trainable.conv_in.parameters())
-    rest = [p for p in params if all(p is not q for q in first)]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": first, "lr": r.conv_in_lr}], lr=r.lr, weight_decay=1e-2)
+    opt = optimizer(r, trainable)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r.warmup))
     ema = EMA(params, decay=r.ema_decay)
-    objective = Objective(create("ddpm", base.scheduler_config), snr_gamma=5.0)
-    if r.weighting == "v":
-        objective.loss = partial(_v_weighted_loss, objective)
+    objective = (VWeightedObjective if r.weighting == "v" else Objective)(create("ddpm", base.scheduler_config),
+                                                                         snr_gamma=5.0)
 
     t0 = time.perf_counter()
     pool = _pool(r, vae)
@@ -289,8 +291,7 @@ def train(out: Path, r: VariantRecipe, snapshot=None) -> Path:
     scale = vae.config.scaling_factor
     for step in range(1, r.steps + 1):
         idx = torch.randint(0, len(pool["captions"]), (r.batch,), generator=gen)
-        posterior = DiagonalGaussian(pool["moments"][idx].to(r.device))
-        latents = (posterior.mode() if r.target_latents == "mean" else posterior.sample(gen)) * scale
+        latents = target_latents(pool["moments"][idx].to(r.device), r.target_latents, gen) * scale
         drop = 2 * r.edit_dropout if r.kind == "instruct-pix2pix" else r.caption_dropout
         text = ["" if rng.random() < drop else pool["captions"][i] for i in idx.tolist()]
         with torch.no_grad():
