@@ -2,7 +2,9 @@
 (vendored in tests/reference/, torchvision replaced by tests/reference/torchvision_shim.py)
 run for 2 steps on the tiny SD1 model with the same seed: same losses and the same trained
 UNet (and text encoder) in the saved diffusers folders (max abs <= 1e-5). The seed drives
-the data order, the random crops, the VAE sample, the noise and the timesteps in both.
+the data order, the random crops, the VAE sample, the noise and the timesteps in both. With
+``--use_8bit_adam`` both use bitsandbytes' AdamW8bit (the tiny UNet's tensors of 4096+
+elements get 8-bit moments).
 
 With prior preservation both runs get the same class images (3 of them, not square, for 2
 instances in batches of 2: the last batch of the epoch is smaller), so class-image
@@ -42,7 +44,7 @@ def weights_differ(a, b):
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-@pytest.mark.parametrize("setting", ["unet", "prior_text_encoder"])
+@pytest.mark.parametrize("setting", ["unet", "prior_text_encoder", "8bit_adam"])
 def test_dreambooth_steps_equal_diffusers_script(script, tiny_model, tmp_path, setting):
     prior = setting == "prior_text_encoder"
     model = tiny_model("sd1")
@@ -55,6 +57,8 @@ def test_dreambooth_steps_equal_diffusers_script(script, tiny_model, tmp_path, s
     if prior:
         args += ["--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a photo of dog",
                  "--num_class_images", "3", "--prior_loss_weight", "0.5", "--train_text_encoder"]
+    if setting == "8bit_adam":
+        args += ["--use_8bit_adam"]
     script.main(script.parse_args(args))
 
     extra = dict(class_data=classes, class_prompt="a photo of dog", num_class_images=3,
@@ -62,7 +66,7 @@ def test_dreambooth_steps_equal_diffusers_script(script, tiny_model, tmp_path, s
     result = train(model, DreamBooth(train_text_encoder=prior),
                    TrainConfig(data, tmp_path / "ours", prompt="a photo of sks dog", resolution=32, steps=2,
                                batch_size=2 if prior else 1, lr=1e-3, seed=3, interpolation="bilinear",
-                               format="diffusers", progress=False, **extra))
+                               format="diffusers", progress=False, use_8bit_adam=setting == "8bit_adam", **extra))
     ours, ref = tmp_path / "ours" / "diffusers", tmp_path / "ref"
 
     # with prior preservation the script computes mse_loss twice a step: the prior's, then the instances'

@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically.
 
 A checkpoint is a folder ``checkpoint-STEP``: the trainable tensors (safetensors), the
-optimizer and learning-rate scheduler states and torch's RNG states (``torch.save``, read
+optimizer, learning-rate scheduler and fp16 loss scaler states and torch's RNG states (``torch.save``, read
 back with ``weights_only=True``), and ``state.json`` (step, data order, Python's and numpy's
 RNG states, the method's settings, the model's signature). It is written into a temporary
 folder beside it and renamed only when complete, so a failure (a full disk, Ctrl-C) leaves
@@ -69,9 +69,10 @@ def model_signature(configs) -> str:
 class Checkpoint:
     """What a checkpoint holds, in memory."""
 
-    def __init__(self, step: int, trainable: dict, optimizer: dict, lr_scheduler: dict, rng: dict, info: dict):
+    def __init__(self, step: int, trainable: dict, optimizer: dict, lr_scheduler: dict, rng: dict, info: dict,
+                 scaler: Optional[dict] = None):
         self.step, self.trainable, self.optimizer, self.lr_scheduler = step, trainable, optimizer, lr_scheduler
-        self.rng, self.info = rng, info
+        self.rng, self.info, self.scaler = rng, info, scaler or {}
 
 
 def _fsync(path: Path) -> None:
@@ -109,7 +110,8 @@ def write(output: Path, ckpt: Checkpoint) -> Path:
     def fill(tmp: Path) -> None:
         save_file(ckpt.trainable, str(tmp / TRAINABLE))
         rng = {k: v for k, v in ckpt.rng.items() if k in ("torch", "cuda")}
-        torch.save({"optimizer": ckpt.optimizer, "lr_scheduler": ckpt.lr_scheduler, "rng": rng}, tmp / OPTIMIZER)
+        torch.save({"optimizer": ckpt.optimizer, "lr_scheduler": ckpt.lr_scheduler, "scaler": ckpt.scaler, "rng": rng},
+                   tmp / OPTIMIZER)
         info = dict(ckpt.info, step=ckpt.step, numpy_rng=ckpt.rng["numpy"], python_rng=ckpt.rng["python"])
         (tmp / STATE).write_text(json.dumps(info))
         for name in (TRAINABLE, OPTIMIZER, STATE):
@@ -145,7 +147,8 @@ def read(path: Path) -> Checkpoint:
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from None
     rng = dict(rest["rng"], numpy=info.pop("numpy_rng"), python=info.pop("python_rng"))
-    return Checkpoint(info.pop("step"), trainable, rest["optimizer"], rest["lr_scheduler"], rng, info)
+    return Checkpoint(info.pop("step"), trainable, rest["optimizer"], rest["lr_scheduler"], rng, info,
+                      rest.get("scaler"))
 
 
 def atomic_path(path: Path, write: Callable[[Path], None]) -> Path:

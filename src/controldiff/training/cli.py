@@ -93,6 +93,8 @@ def add_parser(sub) -> None:
     t.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", dest="mixed_precision",
                    help="frozen weights and forward passes in bf16 or fp16 (CUDA only); trained weights and "
                         "optimizer state stay float32 (default no)")
+    t.add_argument("--use-8bit-adam", action="store_true", dest="use_8bit_adam",
+                   help="bitsandbytes' 8-bit AdamW: a quarter of the optimizer's memory (needs controldiff[bnb])")
     t.add_argument("--format", choices=FORMATS, default="both", help="saved files: lora kohya|diffusers, dreambooth diffusers (OUTPUT/diffusers)|single-file "
                         "(OUTPUT/NAME.safetensors); default both")
     t.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -120,7 +122,7 @@ def cmd_train(args) -> int:
              "cache_latents", "checkpoint_every", "resume", "format", "progress", "class_data", "class_prompt",
              "num_class_images", "prior_loss_weight", "validation_prompt", "validation_every", "validation_images",
              "ema", "ema_decay", "gradient_checkpointing", "mixed_precision")
-    names += ("text_encoder_lr", "adam_weight_decay_text_encoder", "buckets", "bucket_step")
+    names += ("text_encoder_lr", "adam_weight_decay_text_encoder", "buckets", "bucket_step", "use_8bit_adam")
     config = TrainConfig(**{n: getattr(args, n) for n in names})
     if config.lr is None:
         config.lr = getattr(cls, "lr", 1e-4)  # the method's reference script's default

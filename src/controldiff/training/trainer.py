@@ -30,6 +30,7 @@ from .data import read_folder
 from .distributed import Processes
 from .latents import LatentCache, scale
 from .objective import Objective
+from .optim import adamw, check_8bit
 from .precision import autocast, check_precision, hold_frozen, scaler
 from .ema import EMA, PREFIX as EMA_PREFIX, check_decay
 from .prior import Pairs, PriorObjective, check_prior, class_examples, class_images
@@ -88,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     gradient_checkpointing: bool = False  # the UNet's blocks recompute activations in the backward pass
     mixed_precision: str = "no"           # bf16 | fp16 (CUDA): frozen weights and forward (training/precision.py)
+    use_8bit_adam: bool = False           # bitsandbytes' AdamW8bit (training/optim.py)
 
     def check(self) -> None:
         """Every argument, before any file is read."""
@@ -122,6 +124,7 @@ class TrainConfig:
         check_validation(self.validation_prompt, self.validation_every, self.validation_images)
         check_decay(self.ema_decay)
         check_precision(self.mixed_precision)
+        check_8bit(self.use_8bit_adam)
         ImageTransform(self.resolution, interpolation=self.interpolation)
         if self.cache_latents and (self.flip or not self.center_crop):
             raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
@@ -312,9 +315,9 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         hold_frozen([c.vae, *roots.values()], config.mixed_precision)
     forward = lambda: autocast(config.mixed_precision, device)  # noqa: E731
     scale_loss = scaler(config.mixed_precision, device)
-    optimizer = torch.optim.AdamW(_param_groups(params, roots, config), lr=config.lr,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    optimizer = adamw(_param_groups(params, roots, config), config.use_8bit_adam, lr=config.lr,
+                      betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                      eps=config.adam_epsilon)
     schedule = lr_schedule(optimizer, config.lr_scheduler, config.lr_warmup_steps, config.steps)
     objective = Objective(create("ddpm", c.scheduler_config), config.snr_gamma, config.noise_offset) \
         if pairs is None else PriorObjective(create("ddpm", c.scheduler_config), config.snr_gamma,
@@ -335,6 +338,8 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
             raise ValueError(f"resume: {config.resume} holds an EMA of the weights (trained with ema=True); "
                              "pass ema=True (--ema) to continue it")
         optimizer.load_state_dict(resumed.optimizer)
+        if resumed.scaler:  # an fp16 run's loss scale (none after other precisions: a fresh one)
+            scale_loss.load_state_dict(resumed.scaler)
         schedule.load_state_dict(resumed.lr_scheduler)
         ckpt.set_rng_state(resumed.rng)
         d = resumed.info["data"]
@@ -378,7 +383,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         state = batches.state() if ahead is None else dict(ahead[1], ahead=ahead[0].tolist())
         trainable = method.state_dict() if ema is None else {**method.state_dict(), **ema.state_dict()}
         return ckpt.Checkpoint(step, trainable, optimizer.state_dict(), schedule.state_dict(),
-                               ckpt.rng_state(), dict(info, data=state))
+                               ckpt.rng_state(), dict(info, data=state), scale_loss.state_dict())
 
     def validate():
         if config.validation_prompt is not None and procs.main:
@@ -473,6 +478,10 @@ def _check_resume(resumed: ckpt.Checkpoint, signature: str, method, count: int, 
     if resumed.info.get("method") != method.describe():
         raise ValueError(f"{where} was trained with other settings ({resumed.info.get('method')}); "
                          f"this run has {method.describe()}")
+    eight = resumed.info["config"].get("use_8bit_adam", False)
+    if eight != config.use_8bit_adam:  # the optimizer's state would not fit
+        raise ValueError(f"{where} was trained with use_8bit_adam={eight} (--use-8bit-adam); pass the same to "
+                         "continue")
     if resumed.info["data"]["count"] != count:
         raise ValueError(f"{where} was trained on {resumed.info['data']['count']} images; {config.data} has {count}")
     if resumed.step >= config.steps:
