@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .weights import load_state_dict
+from .write_ldm import original_unet_paths
 
 __all__ = ["LoraLayer", "LoraMixin", "read_lora"]
 
@@ -206,56 +207,18 @@ def read_lora(path, state: Optional[dict] = None) -> dict[tuple[str, str], dict]
 # ----------------------------------------------------------------------------- kohya names
 
 
-def _sgm_to_diffusers(flat: str, unet) -> str:
-    """Map an SGM/original-SD UNet name (kohya's SDXL naming) to the diffusers one, flat."""
-    cfg = unet.config
-    per = cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0]
-    up_attn = [t != "UpBlock2D" for t in cfg.up_block_types]
-    res = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
-           "skip_connection": "conv_shortcut"}
-
-    def resnet(prefix: str, tail: str) -> str:
-        for a, b in res.items():
-            if tail == a:
-                return f"{prefix}_{b}"
-        return f"{prefix}_{tail}"
-
-    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", flat)
-    if m:
-        n, j, tail = int(m[1]), int(m[2]), m[3]
-        if n == 0:
-            return "conv_in"
-        block, idx = divmod(n - 1, per + 1)
-        if idx == per:
-            return f"down_blocks_{block}_downsamplers_0_conv"
-        return resnet(f"down_blocks_{block}_resnets_{idx}", tail) if j == 0 else f"down_blocks_{block}_attentions_{idx}_{tail}"
-    m = re.fullmatch(r"middle_block_(\d)_(.+)", flat)
-    if m:
-        j, tail = int(m[1]), m[2]
-        return f"mid_block_attentions_0_{tail}" if j == 1 else resnet(f"mid_block_resnets_{j // 2}", tail)
-    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", flat)
-    if m:
-        n, j, tail = int(m[1]), int(m[2]), m[3]
-        block, idx = divmod(n, per + 1)
-        if j == 0:
-            return resnet(f"up_blocks_{block}_resnets_{idx}", tail)
-        if j == 1 and up_attn[block]:
-            return f"up_blocks_{block}_attentions_{idx}_{tail}"
-        return f"up_blocks_{block}_upsamplers_0_conv"
-    simple = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
-              "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
-              "out_2": "conv_out"}
-    return simple.get(flat, flat)
-
-
-def _targets(root: nn.Module) -> dict[str, str]:
-    """Flat (underscore) name -> module path of every Linear/Conv2d, wrapped or not."""
+def _targets(root: nn.Module, unet: bool) -> dict[str, str]:
+    """Flat (underscore) name -> module path of every Linear/Conv2d, wrapped or not; a UNet's
+    also by its original (sgm) path, which kohya's SDXL LoRAs use."""
     table = {}
     for name, m in root.named_modules():
         if ".lora_base" in name or ".lora_adapters" in name or name.startswith(("lora_base", "lora_adapters")):
             continue
         if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)):
             table[name.replace(".", "_")] = name
+    if unet:
+        original = original_unet_paths(list(table.values()), root.config)
+        table.update({o.replace(".", "_"): p for p, o in original.items()})
     return table
 
 
@@ -304,11 +267,10 @@ class LoraMixin:
             raise ValueError(f"{path}: tensor {key!r} is for {component}, which this {self.info.family} model "
                              f"does not have")
         if kohya:
-            flat = _sgm_to_diffusers(module, root) if component == "unet" else module
             if component not in tables:  # built once per file: flat kohya name -> module path
-                tables[component] = _targets(root)
+                tables[component] = _targets(root, component == "unet")
             table = tables[component]
-            for cand in _with_prefix_variants(flat, "_"):
+            for cand in _with_prefix_variants(module, "_"):
                 if cand in table:
                     return table[cand], root
         else:

@@ -12,14 +12,14 @@ the real one), so the file loads with the bundled SD2 configs too.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import convert_ldm as ldm
 
-__all__ = ["original_state", "TEXT_PREFIXES"]
+__all__ = ["original_state", "original_unet_paths", "TEXT_PREFIXES"]
 
 _RESNET = {v: k for k, v in ldm._UNET_RESNET.items()}
 _UNET_TOP = {v: k for k, v in ldm._UNET_TOP.items()}
@@ -64,6 +64,13 @@ def _unet_key(name: str, config: Mapping) -> str:
     j = int(p[3])
     return (_resnet(f"output_blocks.{first + j}.0", p[4:], _RESNET) if p[2] == "resnets"
             else ".".join([f"output_blocks.{first + j}.1", *p[4:]]))
+
+
+def original_unet_paths(paths: Iterable[str], config: Mapping) -> dict[str, str]:
+    """Diffusers UNet module paths -> the original (sgm) ones (``down_blocks.1.attentions.0.proj_in``
+    -> ``input_blocks.4.1.proj_in``): kohya's SDXL UNet has the original layout, so kohya's SDXL
+    LoRA names are these."""
+    return {p: _unet_key(p + ".weight", config).removesuffix(".weight") for p in paths}
 
 
 def _vae_item(name: str, value: Tensor, levels: int) -> tuple[str, Tensor]:
