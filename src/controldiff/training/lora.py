@@ -1,5 +1,6 @@
 """LoRA training: trainable low-rank adapters on the attention projections, saved in kohya
-and diffusers/peft formats.
+and diffusers/peft formats (kohya's with sd-scripts' names: for SDXL the UNet's original
+``input_blocks``/``middle_block``/``output_blocks`` layout, for SD1/SD2 diffusers').
 
 The adapters are the runtime's own :class:`~controldiff.loading.lora.LoraLayer` (the layer
 ``pipe.load_lora`` builds), made trainable, so what is trained is exactly what loads, and
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..loading.lora import LoraLayer
+from ..loading.write_ldm import original_unet_paths
 
 __all__ = ["LoRA", "UNET_TARGETS", "TEXT_TARGETS"]
 
@@ -53,6 +55,7 @@ class LoRA:
         self.unet_targets = tuple(unet_targets)
         self.text_targets = tuple(text_targets)
         self.layers: dict[str, dict[str, LoraLayer]] = {}  # component -> module path -> layer
+        self.kohya_unet: dict[str, str] = {}  # UNet module path -> kohya's (SDXL: the original one)
 
     def describe(self) -> dict:
         """What a checkpoint must agree on to be resumed with this method."""
@@ -77,6 +80,9 @@ class LoRA:
             self.layers[component] = {}
             for path in paths:
                 params += self._wrap(root, path, component)
+            if component == "unet":  # kohya's SDXL UNet has the original (sgm) layout, its SD1/SD2 one diffusers'
+                sdxl = root.config.get("addition_embed_type") == "text_time"
+                self.kohya_unet = original_unet_paths(paths, root.config) if sdxl else {p: p for p in paths}
         return params
 
     def _wrap(self, root: nn.Module, path: str, component: str) -> list[nn.Parameter]:
@@ -106,7 +112,7 @@ class LoRA:
                 parent_path, _, leaf = path.rpartition(".")
                 parent = root.get_submodule(parent_path) if parent_path else root
                 parent._modules[leaf] = layer.lora_base
-        self.layers = {}
+        self.layers, self.kohya_unet = {}, {}
 
     # ------------------------------------------------------------------ state (checkpoints)
     def _adapters(self):
@@ -151,13 +157,17 @@ class LoRA:
     def kohya_state(self) -> dict[str, torch.Tensor]:
         """kohya's names: ``lora_unet_`` / ``lora_te_`` (SDXL ``lora_te1_`` / ``lora_te2_``)
         + the module path with underscores, ``.lora_down.weight`` / ``.lora_up.weight`` /
-        ``.alpha``. Text encoder paths keep kohya's ``text_model_`` level."""
+        ``.alpha``, as sd-scripts writes them: SDXL UNet paths are the original (sgm) ones
+        (``input_blocks_4_1_...``, the module names of kohya's and A1111's SDXL UNet); text
+        encoder paths keep kohya's ``text_model_`` level."""
         sdxl = "text_encoder_2" in self.layers
         prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
                     "text_encoder_2": "lora_te2_"}
         out = {}
         for component, path, a in self._adapters():
-            if component != "unet" and not path.startswith("text_model."):
+            if component == "unet":
+                path = self.kohya_unet[path]
+            elif not path.startswith("text_model."):
                 path = "text_model." + path  # transformers 5's CLIPTextModel has no text_model level
             name = prefixes[component] + path.replace(".", "_")
             out[f"{name}.lora_down.weight"] = a.down.detach().float().contiguous()
