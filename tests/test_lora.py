@@ -3,6 +3,7 @@ files generated here with peft (peft/diffusers format) and renamed to kohya name
 alphas, SDXL also in the original-SD "input_blocks" naming); fuse/unfuse/unload; errors."""
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pipes
+from original_layout import unet_key
 from pipes import ours
 
 TOL = 1e-4
@@ -53,35 +55,9 @@ def make_lora(model, family, out_dir, seed=0, rank=4, text=True, alpha=None):
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
-def _sgm(name: str) -> str:
-    """diffusers UNet path -> original-SD path, for the tiny SDXL UNet (2 layers per block,
-    up block 0 with attention), as kohya names SDXL LoRAs."""
-    res = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-           "conv_shortcut": "skip_connection"}
-
-    def resnet(prefix, tail):
-        return f"{prefix}.0.{res.get(tail, tail)}"
-    m = re.fullmatch(r"down_blocks\.(\d)\.(resnets|attentions|downsamplers)\.(\d)\.(.+)", name)
-    if m:
-        b, kind, i, tail = int(m[1]), m[2], int(m[3]), m[4]
-        n = 1 + b * 3 + (2 if kind == "downsamplers" else i)
-        return {"resnets": resnet(f"input_blocks.{n}", tail), "attentions": f"input_blocks.{n}.1.{tail}",
-                "downsamplers": f"input_blocks.{n}.0.op"}[kind]
-    m = re.fullmatch(r"up_blocks\.(\d)\.(resnets|attentions|upsamplers)\.(\d)\.(.+)", name)
-    if m:
-        b, kind, i, tail = int(m[1]), m[2], int(m[3]), m[4]
-        n = b * 3 + (2 if kind == "upsamplers" else i)
-        return {"resnets": resnet(f"output_blocks.{n}", tail), "attentions": f"output_blocks.{n}.1.{tail}",
-                "upsamplers": f"output_blocks.{n}.{2 if b == 0 else 1}.conv"}[kind]
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", name)
-    if m:
-        kind, i, tail = m[1], int(m[2]), m[3]
-        return f"middle_block.{2 * i}.{res.get(tail, tail)}" if kind == "resnets" else f"middle_block.1.{tail}"
-    raise AssertionError(name)
-
-
-def to_kohya(peft_file, out, family, alpha=2.0, sgm=False):
-    """Rename a peft LoRA to kohya names (lora_unet_*, lora_te*_*), with .alpha tensors."""
+def to_kohya(peft_file, out, family, alpha=2.0, unet_config=None):
+    """Rename a peft LoRA to kohya names (lora_unet_*, lora_te*_*), with .alpha tensors; with
+    ``unet_config`` the UNet by its original-SD paths, as kohya names SDXL LoRAs."""
     state = load_file(str(peft_file))
     te = {"text_encoder": "lora_te1_" if family == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}
     new = {}
@@ -90,8 +66,8 @@ def to_kohya(peft_file, out, family, alpha=2.0, sgm=False):
         module, part = rest.rsplit(".lora_", 1)
         part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
         if component == "unet":
-            if sgm:
-                module = _sgm(module)
+            if unet_config:
+                module = unet_key(module + ".weight", unet_config)[:-len(".weight")]
             flat = "lora_unet_" + module.replace(".", "_")
         else:
             if not module.startswith("text_model."):
@@ -187,7 +163,8 @@ def test_parity_sdxl(tiny_model, tmp_path, fmt):
     model = tiny_model("sdxl")
     file = make_lora(model, "sdxl", tmp_path, seed=3)
     if fmt == "kohya_sgm":
-        file = to_kohya(file, tmp_path / "xl_kohya.safetensors", "sdxl", alpha=3.0, sgm=True)
+        cfg = json.loads((model / "unet" / "config.json").read_text())
+        file = to_kohya(file, tmp_path / "xl_kohya.safetensors", "sdxl", alpha=3.0, unet_config=cfg)
     ref, mine = reference(model, "sdxl"), ours(model)
     ref.load_lora_weights(str(file), adapter_name="x")
     ref.set_adapters(["x"], adapter_weights=[0.6])
