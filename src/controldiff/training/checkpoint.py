@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Checkpoint", "rng_state", "set_rng_state", "set_seed", "model_signature", "write", "read",
-           "find", "atomic_file", "atomic_path"]
+__all__ = ["Checkpoint", "rng_state", "set_rng_state", "numpy_state", "set_numpy_state", "set_seed",
+           "model_signature", "write", "read", "find", "atomic_file", "atomic_path"]
 
 PREFIX = "checkpoint-"
 TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.json"
@@ -37,20 +37,29 @@ def set_seed(seed: int) -> None:
 
 def rng_state() -> dict:
     """The global RNG states of Python, numpy and torch (CPU and CUDA)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "numpy": numpy_state(),
             "python": [version, list(internal), gauss_next]}
+
+
+def numpy_state() -> list:
+    """numpy's global RNG state as JSON can hold it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), pos, has_gauss, gauss]
+
+
+def set_numpy_state(state: list) -> None:
+    kind, keys, pos, has_gauss, gauss = state
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    set_numpy_state(state["numpy"])
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 

@@ -72,11 +72,14 @@ class Objective:
         return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
 
     def __call__(self, unet, latents: torch.Tensor, embeds: torch.Tensor, added_cond_kwargs=None,
-                 noise: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 noise: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The loss of ``unet`` on clean ``latents`` with text ``embeds`` (noise and timesteps
-        drawn unless given)."""
+        drawn unless given); ``mask``: a per-example loss mask in the latent grid, for an
+        objective whose ``loss`` takes one (Custom Diffusion's)."""
         if noise is None or timesteps is None:
             noise, timesteps = self.sample(latents)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added_cond_kwargs)
-        return self.loss(pred, self.target(latents, noise, timesteps), timesteps)
+        target = self.target(latents, noise, timesteps)
+        return self.loss(pred, target, timesteps) if mask is None else self.loss(pred, target, timesteps, mask)

@@ -111,12 +111,14 @@ class Pairs:
 
 @dataclass
 class PriorObjective(Objective):
-    """The batch's first half is the instances, the second their class images."""
+    """The batch's first half is the instances, the second their class images; a loss mask
+    (Custom Diffusion's) applies to the instances' loss only, as its script."""
 
     prior_loss_weight: float = 1.0
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, *mask) -> torch.Tensor:
         pred, pred_prior = torch.chunk(pred, 2, dim=0)
         target, target_prior = torch.chunk(target, 2, dim=0)
         prior = torch.nn.functional.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
-        return super().loss(pred, target, torch.chunk(timesteps, 2)[0]) + self.prior_loss_weight * prior
+        instance = super().loss(pred, target, torch.chunk(timesteps, 2)[0], *[torch.chunk(m, 2)[0] for m in mask])
+        return instance + self.prior_loss_weight * prior
