@@ -70,6 +70,8 @@ def add_parser(sub) -> None:
                    help="custom diffusion: new token(s) learnt as embeddings, '+'-separated, e.g. '<new1>'")
     t.add_argument("--freeze-model", choices=("crossattn_kv", "crossattn"), default="crossattn_kv",
                    dest="freeze_model", help="custom diffusion: train the cross-attention k/v (default) or all of it")
+    t.add_argument("--noaug", action="store_true",
+                   help="custom diffusion: no random-scale augmentation (the script's --noaug): the whole image")
     t.add_argument("--class-data", type=Path, metavar="DIR", dest="class_data",
                    help="prior preservation: folder of class images (missing ones are generated into it)")
     t.add_argument("--class-prompt", type=_text, metavar="TEXT", dest="class_prompt",

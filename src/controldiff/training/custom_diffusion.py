@@ -4,17 +4,22 @@ projections), plus optional modifier tokens (``"<new1>+<new2>"``) learnt as text
 inversion embeddings. Saved in diffusers' format (``pytorch_custom_diffusion_weights.safetensors``
 and ``<new1>.safetensors``), which ``pipe.load_custom_diffusion`` and diffusers load.
 
-As diffusers' ``examples/custom_diffusion/train_custom_diffusion.py`` with ``--noaug``: the
-whole image resized to the square (bilinear), a flip draw per image, the loss masked to the
-latent grid without its one-latent border; the key/value of the first (BOS) text token pass
-no gradient. Not done: the script's random-scale augmentation (its default) and prior
-preservation with this method.
+As diffusers' ``examples/custom_diffusion/train_custom_diffusion.py``: per instance image a
+flip draw, then (``aug=True``, the script's default) a random scale, two thirds of the time
+in ``[R/3, R]`` (the image placed at a random spot of a blank square, the caption prefixed
+"a far away " or "very small " below 0.6 R), else in ``[1.2 R, 1.4 R)`` (a random R x R crop,
+"zoomed in " or "close up "), drawn from numpy's global RNG as the script does; the loss
+masked to the latents the image covers, less a one-latent border (``aug=False``: the whole
+image resized to the square, the mask the grid without its border). With prior preservation
+(``class_data``) each example is an instance and a class image (flip, shorter side resized,
+center or random crop), the class images' loss plain MSE. The key/value of the first (BOS)
+text token pass no gradient.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +28,11 @@ from PIL import Image
 from torch import nn
 
 from ..loading.custom_diffusion import WEIGHT_NAMES
-from .data import read_folder
+from .data import Example, read_folder
 from .objective import Objective
+from .prior import PriorObjective
 from .textual_inversion import _TokenEmbedding, _embeddings_owner
-from .transforms import INTERPOLATIONS
+from .transforms import ImageTransform
 
 __all__ = ["CustomDiffusion", "FREEZE_MODELS", "LR"]
 
@@ -48,37 +54,80 @@ def _split(value: Optional[str], name: str) -> list[str]:
     return parts
 
 
+class _Instance(Example):
+    """An instance image (the trainer adds class images as plain examples)."""
+
+
+class Drawn(NamedTuple):
+    """One example as the script's data set gives it."""
+
+    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    caption: str
+    mask: torch.Tensor    # (1, R/f, R/f): the latents the loss counts
+
+
+def _flip(img: Image.Image, flip: bool) -> Image.Image:
+    """The script's ``RandomHorizontalFlip(0.5 * hflip)``: one draw even without ``hflip``."""
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < 0.5 * flip else img
+
+
 @dataclass(frozen=True)
-class ScriptTransform:
-    """The script's instance transform without augmentation: a flip draw (always, as
-    ``RandomHorizontalFlip(0.5 * hflip)``), the resize to R x R, ``[-1, 1]``."""
+class ScriptData:
+    """The script's ``CustomDiffusionDataset.__getitem__``, in its order of random draws."""
 
     resolution: int
+    latent_factor: int
     flip: bool = False
-    interpolation: str = "bilinear"
+    center_crop: bool = False  # the class images' crop
+    aug: bool = True
 
-    def resized(self, w: int, h: int) -> tuple[int, int]:
-        return self.resolution, self.resolution
+    def __call__(self, example: Example, img: Image.Image) -> Drawn:
+        img = _flip(img, self.flip)
+        r = self.resolution
+        factor = r // (r // self.latent_factor)
+        if not isinstance(example, _Instance):  # a class image: mask unused (its loss is plain MSE)
+            x, _ = ImageTransform(r, self.center_crop, False, "bilinear")(img)
+            return Drawn(x, example.caption, torch.ones(1, r // factor, r // factor))
+        scale = r
+        if self.aug:
+            scale = np.random.randint(r // 3, r + 1) if np.random.uniform() < 0.66 else \
+                np.random.randint(int(1.2 * r), int(1.4 * r))
+        x, mask = self._place(img, scale, factor)
+        caption = example.caption
+        if scale < 0.6 * r:
+            caption = str(np.random.choice(["a far away ", "very small "])) + caption
+        elif scale > r:
+            caption = str(np.random.choice(["zoomed in ", "close up "])) + caption
+        return Drawn(torch.from_numpy(x).permute(2, 0, 1), caption, torch.from_numpy(mask).float()[None])
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        if torch.rand(1) < 0.5 * self.flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        img = img.resize((self.resolution, self.resolution), resample=INTERPOLATIONS[self.interpolation])
-        x = (np.array(img).astype(np.uint8) / 127.5 - 1.0).astype(np.float32)
-        return torch.from_numpy(x).permute(2, 0, 1), (0, 0)
+    def _place(self, img: Image.Image, scale: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """The script's ``preprocess``: ``img`` resized to ``scale`` and put at a random spot of the
+        square (or the square cropped at random from it); the mask of the latents it covers."""
+        r, grid = self.resolution, self.resolution // factor
+        outer, inner = (scale, r) if scale > r else (r, scale)
+        top, left = np.random.randint(0, outer - inner + 1), np.random.randint(0, outer - inner + 1)
+        x = (np.array(img.resize((scale, scale), resample=Image.BILINEAR)).astype(np.uint8) / 127.5 - 1.0)
+        x = x.astype(np.float32)
+        if scale > r:
+            return x[top:top + r, left:left + r, :], np.ones((grid, grid))
+        square, mask = np.zeros((r, r, 3), dtype=np.float32), np.zeros((grid, grid))
+        square[top:top + scale, left:left + scale, :] = x
+        mask[top // factor + 1:(top + scale) // factor - 1, left // factor + 1:(left + scale) // factor - 1] = 1.0
+        return square, mask
 
 
 class MaskedObjective(Objective):
-    """The script's loss: per image the squared error summed over the latent grid without its
-    border (one mask channel), divided by the mask's size; the batch mean."""
+    """The script's loss: per image the squared error summed over the mask's latents (all
+    channels), divided by the mask's size; the batch mean."""
 
-    def loss(self, pred, target, timesteps):
-        if self.snr_gamma is not None:
-            raise ValueError("snr_gamma: not supported with custom-diffusion (its script has no min-SNR weighting)")
-        mask = torch.zeros(pred.shape[0], 1, *pred.shape[2:], device=pred.device)
-        mask[:, :, 1:-1, 1:-1] = 1.0
+    def loss(self, pred, target, timesteps, mask):
         loss = F.mse_loss(pred.float(), target.float(), reduction="none")
         return ((loss * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
+
+
+@dataclass
+class _MaskedPrior(PriorObjective, MaskedObjective):
+    """Prior preservation with the mask on the instances' loss."""
 
 
 def _detach_first_token(module, inputs, output):
@@ -94,7 +143,10 @@ class CustomDiffusion:
     lr = LR
 
     def __init__(self, modifier_token: Optional[str] = None, initializer_token: Optional[str] = "ktn+pll+ucd",
-                 freeze_model: str = "crossattn_kv"):
+                 freeze_model: str = "crossattn_kv", aug: bool = True):
+        if not isinstance(aug, bool):
+            raise ValueError(f"aug: expected True or False, got {aug!r}")
+        self.aug = aug  # the script's random-scale augmentation (its --noaug: False)
         self.tokens = _split(modifier_token, "modifier_token")
         inits = _split(initializer_token, "initializer_token") if self.tokens else []
         if len(inits) < len(self.tokens):
@@ -112,32 +164,42 @@ class CustomDiffusion:
     @classmethod
     def from_args(cls, args) -> "CustomDiffusion":
         """From ``controldiff train custom-diffusion`` arguments."""
-        return cls(args.modifier_token, args.initializer_token or "ktn+pll+ucd", args.freeze_model)
+        return cls(args.modifier_token, args.initializer_token or "ktn+pll+ucd", args.freeze_model, not args.noaug)
 
     def describe(self) -> dict:
         return {"method": self.name, "modifier_token": self.tokens, "initializer_token": self.initializers,
-                "freeze_model": self.freeze_model}
+                "freeze_model": self.freeze_model, "aug": self.aug}
 
     # ------------------------------------------------------------------ data
     def read_data(self, model, config):
         """The examples, after checking the settings and tokens (before any weight is read)."""
         from ..loading.folder import load_tokenizer, read_configs
 
-        if config.class_data is not None:
-            raise ValueError("class_data: prior preservation is not implemented for custom-diffusion yet")
-        if config.snr_gamma is not None:
-            raise ValueError("snr_gamma: not supported with custom-diffusion (its script has no min-SNR weighting)")
-        if "text_encoder_2" in read_configs(model).slots:
+        for name, what in (("snr_gamma", "min-SNR weighting"), ("buckets", "aspect-ratio buckets"),
+                           ("cache_latents", "latent cache (it draws a scale and a flip per image)")):
+            if getattr(config, name) not in (None, False):
+                raise ValueError(f"{name}: not supported with custom-diffusion (its script has no {what})")
+        configs = read_configs(model)
+        if "text_encoder_2" in configs.slots:
             raise ValueError("model: custom-diffusion trains SD1/SD2 models (as diffusers' script); this is SDXL")
+        r, f = config.resolution, configs.info.latent_factor
+        if self.aug and r // 3 < 3 * f:  # else a smallest image's mask can be empty: the script's loss 0/0
+            raise ValueError(f"resolution: {r} is too small for the random-scale augmentation with this VAE "
+                             f"(latent factor {f}): its smallest images ({r // 3} px) may cover no latent inside "
+                             f"their border; pass a resolution of at least {9 * f} or aug=False (--noaug)")
         self._check_tokens(load_tokenizer(Path(model) / "tokenizer"))
-        self.resolution = config.resolution
-        return read_folder(config.data, config.resolution, config.prompt)
+        self.resolution = r
+        self._data = ScriptData(r, f, config.flip, config.center_crop, self.aug)
+        return [_Instance(e.path, e.caption, e.size) for e in read_folder(config.data, r, config.prompt)]
 
-    def transform(self, config, sdxl: bool) -> ScriptTransform:
-        """The script's: bilinear, the whole image (``center_crop``/``interpolation`` unused)."""
-        return ScriptTransform(config.resolution, config.flip, "bilinear")
+    def draw(self, example: Example, img: Image.Image) -> Drawn:
+        """Its pixels, caption and loss mask (the script's; ``interpolation`` unused: bilinear)."""
+        return self._data(example, img)
 
     def objective(self, objective: Objective) -> MaskedObjective:
+        if isinstance(objective, PriorObjective):
+            return _MaskedPrior(objective.scheduler, objective.snr_gamma, objective.noise_offset,
+                                objective.prior_loss_weight)
         return MaskedObjective(objective.scheduler, objective.snr_gamma, objective.noise_offset)
 
     # ------------------------------------------------------------------ what is trainable
