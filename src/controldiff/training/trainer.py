@@ -126,14 +126,14 @@ class TrainConfig:
         check_precision(self.mixed_precision)
         check_8bit(self.use_8bit_adam)
         ImageTransform(self.resolution, interpolation=self.interpolation)
-        if self.cache_latents and (self.flip or not self.center_crop):
-            raise ValueError("cache_latents: needs deterministic images (center_crop=True, flip=False); a cached "
-                             "latent would freeze one random crop or flip")
+        if self.cache_latents and (self.flip or not (self.center_crop or self.buckets)):
+            raise ValueError("cache_latents: needs deterministic images (center_crop=True or buckets, flip=False); "
+                             "a cached latent would freeze one random crop or flip")
         if self.buckets:
             check_buckets(self.resolution, self.bucket_step)
-            for name in ("cache_latents", "class_data"):
-                if getattr(self, name):
-                    raise ValueError(f"{name}: not supported with buckets yet; drop one of them")
+            if self.class_data is not None:  # the scripts pair each instance with a class image in one batch
+                raise ValueError("class_data: prior preservation is not supported with buckets (an instance and "
+                                 "its class image would need one size); drop one of them")
         out = Path(self.output)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output: {out} exists and is not a folder")
@@ -176,16 +176,22 @@ class _Data:
     def __init__(self, examples, config: TrainConfig, vae, sdxl: bool, method=None):
         self.examples, self.vae, self.sdxl = examples, vae, sdxl
         self.caption = getattr(method, "caption", lambda e: e.caption)  # e.g. a template drawn per use
+        self.own = getattr(method, "draw", None)  # (example, image) -> pixels, caption, loss mask (Custom Diffusion)
         self.transform = method.transform(config, sdxl) if hasattr(method, "transform") else \
             ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
-        self.sizes = None  # with buckets: each example's (width, height)
+        self.sizes = None  # with buckets: each example's (width, height); their transform, not the method's
         if config.buckets:
             sizes = bucket_sizes(config.resolution, config.bucket_step)
             self.sizes = [sizes[b] for b in bucket_ids(examples, config)]
             self.transform = BucketTransform(config.resolution, flip=config.flip, interpolation=config.interpolation)
         self.cache = None
         if config.cache_latents:
-            self.cache = LatentCache(vae, [self.transform(load_rgb(e.path))[0] for e in examples])
+            self.cache = LatentCache(vae, [self.transform(load_rgb(e.path), *self._size(i))[0]
+                                           for i, e in enumerate(examples)])
+
+    def _size(self, i: int) -> tuple:
+        """The bucket transform's size argument for example ``i`` (none without buckets)."""
+        return () if self.sizes is None else (self.sizes[i],)
 
     def draw(self, indices, stacked=None) -> tuple:
         """A batch's random part (crops, flips), drawn when the scripts' data
@@ -196,9 +202,16 @@ class _Data:
         images = []
         for i in indices:
             e = self.examples[i]
+            if self.own is not None:
+                images.append(self.own(e, load_rgb(e.path)))
+                time_ids.append(None)
+                continue
             if self.sizes is not None:
-                x, (top, left) = self.transform(load_rgb(e.path), self.sizes[i])
-                images.append(x)
+                if self.cache is None:
+                    x, (top, left) = self.transform(load_rgb(e.path), self.sizes[i])
+                    images.append(x)
+                else:
+                    top, left = self.transform.crop_to(*e.size, self.sizes[i])
                 time_ids.append([e.size[1], e.size[0], top, left, self.sizes[i][1], self.sizes[i][0]])
                 continue
             if self.cache is None:
@@ -215,11 +228,16 @@ class _Data:
         return indices, images, time_ids
 
     def encode(self, drawn: tuple):
-        """(latents, captions, SDXL time ids) of a drawn batch; the VAE sample is the step's."""
+        """(latents, captions, SDXL time ids, the method's loss mask or None) of a drawn batch;
+        the VAE sample is the step's."""
         indices, images, time_ids = drawn
-        # captions draw from Python's RNG only (templates), so when used: a batch drawn ahead
-        # again on resume must not draw them twice
-        captions = [self.caption(self.examples[i]) for i in indices]
+        mask = None
+        if self.own is not None:  # the method's draws
+            captions, mask = [d.caption for d in images], torch.stack([d.mask for d in images]).to(self.vae.device)
+            images = [d.pixels for d in images]
+        else:  # captions draw from Python's RNG only (templates), so when used: a batch drawn ahead
+            # again on resume must not draw them twice
+            captions = [self.caption(self.examples[i]) for i in indices]
         if self.cache is not None:
             latents = self.cache.sample(indices)
         else:
@@ -227,7 +245,7 @@ class _Data:
             with torch.no_grad():
                 latents = scale(self.vae, self.vae.encode(pixels).sample())
         time_ids = torch.tensor(time_ids, dtype=latents.dtype, device=latents.device) if self.sdxl else None
-        return latents, captions, time_ids
+        return latents, captions, time_ids, mask
 
 
 def bucket_ids(examples, config: TrainConfig) -> list[int]:
@@ -267,8 +285,6 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     device = procs.device
     check_precision(config.mixed_precision, device)
     read = getattr(method, "read_data", None)  # a method with data of its own (textual inversion's templates)
-    if config.buckets and hasattr(method, "transform"):
-        raise ValueError(f"buckets: {method.name} has its own image transform; train it without buckets")
     examples = read(model, config) if read else read_folder(config.data, config.resolution, config.prompt)
     kinds = getattr(method, "formats", ("kohya", "diffusers"))  # the files the method writes
     if config.format != "both" and config.format not in kinds:
@@ -358,7 +374,9 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
     if resumed is not None and "ahead" in resumed.info["data"]:
         after = torch.get_rng_state()
         torch.set_rng_state(torch.tensor(resumed.info["data"]["ahead"], dtype=torch.uint8))
-        ahead, pending = (torch.get_rng_state(), batches.state()), fetch()
+        if "ahead_numpy" in resumed.info["data"]:  # (checkpoints before it had none) drawn by data only:
+            ckpt.set_numpy_state(resumed.info["data"]["ahead_numpy"])  # Custom Diffusion's scales
+        ahead, pending = (torch.get_rng_state(), batches.state(), ckpt.numpy_state()), fetch()
         torch.set_rng_state(after)
     info = {"model": signature, "model_path": str(Path(model).resolve()), "method": method.describe(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -380,7 +398,7 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
         return embeds, pooled
 
     def snapshot() -> ckpt.Checkpoint:
-        state = batches.state() if ahead is None else dict(ahead[1], ahead=ahead[0].tolist())
+        state = batches.state() if ahead is None else dict(ahead[1], ahead=ahead[0].tolist(), ahead_numpy=ahead[2])
         trainable = method.state_dict() if ema is None else {**method.state_dict(), **ema.state_dict()}
         return ckpt.Checkpoint(step, trainable, optimizer.state_dict(), schedule.state_dict(),
                                ckpt.rng_state(), dict(info, data=state), scale_loss.state_dict())
@@ -403,10 +421,10 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                 drawn = pending if pending is not None else fetch()
                 pending = ahead = None
                 if batches.position < len(batches.order):  # more of this epoch: the next batch is drawn now
-                    ahead = (torch.get_rng_state(), batches.state())
+                    ahead = (torch.get_rng_state(), batches.state(), ckpt.numpy_state())
                     pending = fetch()
                 with forward():
-                    latents, captions, time_ids = data.encode(drawn)
+                    latents, captions, time_ids, mask = data.encode(drawn)
                 if config.mixed_precision != "no":  # the noise and SDXL sizes as in float32
                     latents, time_ids = latents.float(), None if time_ids is None else time_ids.float()
                 noise, timesteps = objective.sample(latents)
@@ -417,13 +435,14 @@ def train(model, method, config: TrainConfig, *, device="cpu", dtype=torch.float
                     if not rows:
                         continue
                     latents, noise, timesteps = latents[rows], noise[rows], timesteps[rows]
+                    mask = mask[rows] if mask is not None else None
                     captions = [captions[i] for i in rows]
                     time_ids = time_ids[rows] if time_ids is not None else None
                 with procs.local_rng(seed, step * config.gradient_accumulation + micro):
                     with forward():
                         embeds, pooled = conditioning(captions)
                         added = {"text_embeds": pooled, "time_ids": time_ids} if sdxl else None
-                        loss = objective(c.unet, latents, embeds, added, noise=noise, timesteps=timesteps)
+                        loss = objective(c.unet, latents, embeds, added, noise=noise, timesteps=timesteps, mask=mask)
                     scale_loss.scale(loss * share / config.gradient_accumulation).backward()
                 total += loss.item() * share / config.gradient_accumulation
             if procs.world > 1:  # the sums of the ranks' shares: the global batch's gradient and loss
