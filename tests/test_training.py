@@ -4,6 +4,7 @@ saved LoRA changes generation), the saved files load alike in our Pipeline and i
 checkpoints, cached latents, min-SNR weights as diffusers', the CLI, and the errors."""
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pytest
@@ -238,3 +239,16 @@ def test_cli_trains_and_refuses_methods_not_implemented(tiny_model, data, tmp_pa
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["o.safetensors"]
     assert cli.main(["train", "lora", model, "--data", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 2
     assert "data: " in capsys.readouterr().err
+
+    layers = ["--lora-layers", "to_q,attn2.to_v", "--lora-text-layers", "q_proj", "--train-text-encoder"]
+    assert cli.main(["train", "lora", model, "--data", str(data), "--output", str(tmp_path / "l"), "--prompt", "sks",
+                     "--resolution", "32", "--steps", "1", "--format", "diffusers", "--no-progress", *layers]) == 0
+    keys = {re.sub(r"\.lora(_linear_layer)?\.(down|up)\.weight$", "", k)
+            for k in load_file(str(tmp_path / "l" / "pytorch_lora_weights.safetensors"))}
+    ends = {k.rsplit(".", 1)[1] if "attn2.to_v" not in k else "attn2.to_v" for k in keys}
+    assert ends == {"to_q", "attn2.to_v", "q_proj"} and not any("attn1.to_v" in k for k in keys)
+    for arg, value, match in (("--lora-layers", "to_q,,to_v", "--lora-layers: expected comma-separated"),
+                              ("--lora-layers", "ff", r"unet_targets \(--lora-layers\): no Linear layer of the unet")):
+        assert cli.main(["train", "lora", model, "--data", str(data), "--output", str(tmp_path / "e"), "--prompt",
+                         "x", "--resolution", "32", "--steps", "1", arg, value]) == 2
+        assert re.search(match, capsys.readouterr().err)

@@ -3,13 +3,23 @@ training library (``controldiff.cli`` adds it as a subcommand). Methods not impl
 are listed and refused with exit status 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from . import METHODS
+from .lora import TEXT_TARGETS, UNET_TARGETS
 from .trainer import FORMATS
 
 __all__ = ["add_parser", "cmd_train"]
+
+
+def _layers(text: str) -> tuple[str, ...]:
+    """``to_q,to_v`` -> ("to_q", "to_v"): module names or endings of their dotted paths."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names such as to_q,to_v, got {text!r}")
+    return names
 
 
 def add_parser(sub) -> None:
@@ -43,6 +53,11 @@ def add_parser(sub) -> None:
                    dest="adam_weight_decay_text_encoder", help="their AdamW weight decay (default: the UNet's, 1e-2)")
     t.add_argument("--rank", type=_positive_int, default=4, metavar="R", help="LoRA rank (default 4)")
     t.add_argument("--alpha", type=_finite_float, metavar="A", help="LoRA alpha (default: the rank)")
+    t.add_argument("--lora-layers", type=_layers, metavar="NAMES", dest="unet_targets", default=UNET_TARGETS,
+                   help="LoRA: the UNet's Linear layers to adapt, by name ending, comma-separated (default "
+                        f"{','.join(UNET_TARGETS)})")
+    t.add_argument("--lora-text-layers", type=_layers, metavar="NAMES", dest="text_targets", default=TEXT_TARGETS,
+                   help=f"LoRA: the text encoders' layers with --train-text-encoder (default {','.join(TEXT_TARGETS)})")
     t.add_argument("--seed", type=_seed, help="seed for a reproducible run")
     t.add_argument("--snr-gamma", type=_finite_float, metavar="G", dest="snr_gamma",
                    help="min-SNR loss weighting gamma (5.0 is usual; default off)")
@@ -50,7 +65,7 @@ def add_parser(sub) -> None:
     t.add_argument("--center-crop", action="store_true", dest="center_crop", help="center crops (default random)")
     t.add_argument("--flip", action="store_true", help="random horizontal flips")
     t.add_argument("--cache-latents", action="store_true", dest="cache_latents",
-                   help="encode each image once (needs --center-crop, no --flip)")
+                   help="encode each image once (needs --center-crop or --buckets, no --flip)")
     t.add_argument("--buckets", action="store_true", help="aspect-ratio buckets (kohya's): each image resized to "
                    "cover the size of about RESOLUTION^2 pixels nearest its ratio, center-cropped; one size a batch")
     t.add_argument("--bucket-step", type=_positive_int, default=64, metavar="N", dest="bucket_step",
@@ -118,7 +133,8 @@ def cmd_train(args) -> int:
     if hasattr(cls, "from_args"):  # a method with arguments of its own
         method = cls.from_args(args)
     else:
-        method = cls(rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder)
+        method = cls(rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder,
+                     unet_targets=args.unet_targets, text_targets=args.text_targets)
     names = ("data", "output", "prompt", "resolution", "steps", "batch_size", "gradient_accumulation", "lr",
              "lr_scheduler", "lr_warmup_steps", "seed", "snr_gamma", "noise_offset", "center_crop", "flip",
              "cache_latents", "checkpoint_every", "resume", "format", "progress", "class_data", "class_prompt",

@@ -76,7 +76,8 @@ class LoRA:
             if component == "unet":
                 paths.sort(key=lambda n: _UNET_ORDER.get(n.split(".")[0], -1))  # stable: module order within
             if not paths:
-                raise ValueError(f"{component}: no Linear layer matches the LoRA targets {list(targets)}")
+                which = "unet_targets (--lora-layers)" if component == "unet" else "text_targets (--lora-text-layers)"
+                raise ValueError(f"{which}: no Linear layer of the {component} matches {list(targets)}")
             self.layers[component] = {}
             for path in paths:
                 params += self._wrap(root, path, component)
