@@ -42,6 +42,7 @@ ROWS = {
     "LoRA new shape": lambda pipe: _new_shape(pipe, "lora"),
     "DreamBooth new shape": lambda pipe: _new_shape(pipe, "dreambooth"),
     "textual inversion new shape": lambda pipe: _new_shape(pipe, "textual-inversion"),
+    "Custom Diffusion new shape": lambda pipe: _new_shape(pipe, "custom-diffusion"),
     "Pix2Pix-Zero": measure_editing.pix2pix_zero,
     "DiffEdit": measure_editing.diffedit,
     "LEDITS++": measure_editing.ledits,

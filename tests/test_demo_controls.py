@@ -65,7 +65,8 @@ def test_time_edit_makes_circles_red(demo_pipe):
     assert r["with"] > r["without"] + 0.1
 
 
-@pytest.mark.parametrize("method, gain", [("lora", 0.2), ("dreambooth", 0.2), ("textual-inversion", 0.1)])
+@pytest.mark.parametrize("method, gain", [("lora", 0.2), ("dreambooth", 0.2), ("textual-inversion", 0.1),
+                                          ("custom-diffusion", 0.2)])
 def test_training_learns_a_new_shape(demo_pipe, tmp_path, method, gain):
     r = measure.new_shape(demo_pipe, default_model_path(), tmp_path, method)
     print(r)

@@ -254,15 +254,21 @@ NEW_SHAPE_TRAINING = {  # method -> its `controldiff train` settings on the scen
     "lora": ["--steps", "300", "--lr", "1e-3", "--rank", "8", "--train-text-encoder", "--format", "diffusers"],
     "dreambooth": ["--steps", "300", "--lr", "1e-4", "--train-text-encoder", "--format", "diffusers"],
     "textual-inversion": ["--steps", "300", "--lr", "5e-3", "--token", "<new>", "--initializer-token", "triangle"],
+    # the cross-attention k/v and a modifier token; no random-scale augmentation (it would
+    # shrink and zoom the scenes' objects and prefix their captions with "very small"...)
+    "custom-diffusion": ["--steps", "300", "--lr", "1e-3", "--modifier-token", "<new>", "--initializer-token",
+                         "triangle", "--noaug"],
 }
+NEW_TOKEN = {"textual-inversion": "<new>", "custom-diffusion": "<new>"}  # a method's word for the new shape
 
 
 def new_shape(pipe, model_dir, work_dir, method: str = "lora", shape: str = "star", n_train: int = 32,
               n: int = 12, seeds=(0,)) -> dict:
-    """LoRA, DreamBooth or textual inversion trained with ``controldiff train`` on ``n_train``
-    scenes of a shape the base model never saw, captioned by the grammar (textual inversion: the
-    shape's word replaced by its new token): how often the judge finds that shape on other
-    captions with it, without and with what was trained (unloaded after)."""
+    """LoRA, DreamBooth, textual inversion or Custom Diffusion trained with ``controldiff train``
+    on ``n_train`` scenes of a shape the base model never saw, captioned by the grammar (textual
+    inversion and Custom Diffusion: the shape's word replaced by their new token): how often the
+    judge finds that shape on other captions with it, without and with what was trained
+    (unloaded after)."""
     from pathlib import Path
 
     from .. import cli
@@ -270,7 +276,7 @@ def new_shape(pipe, model_dir, work_dir, method: str = "lora", shape: str = "sta
 
     if method not in NEW_SHAPE_TRAINING:
         raise ValueError(f"method: expected one of {list(NEW_SHAPE_TRAINING)}, got {method!r}")
-    word = "<new>" if method == "textual-inversion" else shape
+    word = NEW_TOKEN.get(method, shape)
     work, rng = Path(work_dir), random.Random(9)
     data = work / "data"
     data.mkdir(parents=True)
@@ -296,6 +302,9 @@ def new_shape(pipe, model_dir, work_dir, method: str = "lora", shape: str = "sta
         return {"without": without, "with": found(tuned, shape)}
     if method == "lora":
         unload = partial(pipe.unload_lora, pipe.load_lora(work / method / "pytorch_lora_weights.safetensors"))
+    elif method == "custom-diffusion":
+        pipe.load_custom_diffusion(work / method)
+        unload = pipe.unload_custom_diffusion
     else:
         pipe.load_textual_inversion(work / method / "learned_embeds.safetensors")
         unload = partial(pipe.unload_textual_inversion, word)
