@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from .png_embedding import read_png_embedding
 from .weights import PICKLE_EXTENSIONS, _check_file, load_state_dict
 
-__all__ = ["TextualInversionMixin", "read_embedding"]
+__all__ = ["SDXL_KEYS", "TextualInversionMixin", "read_embedding"]
 
 _DIFFUSERS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
-_SDXL_KEYS = ("clip_l", "clip_g")
+SDXL_KEYS = ("clip_l", "clip_g")  # A1111's keys of an SDXL embedding's two encoders
 
 
 def _load_nested(path: Path) -> dict:
@@ -89,13 +89,13 @@ def read_embedding(source, token: Optional[str] = None) -> tuple[str, dict[str, 
             raise ValueError(f"{where}: 'string_to_param' should hold exactly one tensor")
         return token or stem or str(data.get("name")), {"*": _as_matrix(next(iter(params.values())), where,
                                                                           "string_to_param")}, where
-    if any(k in data for k in _SDXL_KEYS):
-        missing = [k for k in _SDXL_KEYS if k not in data]
+    if any(k in data for k in SDXL_KEYS):
+        missing = [k for k in SDXL_KEYS if k not in data]
         if missing:
             raise ValueError(f"{where}: SDXL embedding without {missing[0]!r}")
         if token is None and stem is None:
             raise ValueError("token: an SDXL embedding dict needs token=...")
-        return token or stem, {k: _as_matrix(data[k], where, k) for k in _SDXL_KEYS}, where
+        return token or stem, {k: _as_matrix(data[k], where, k) for k in SDXL_KEYS}, where
     for key in ("emb_params", "string_to_param.*"):
         if key in data:
             return token or stem, {"*": _as_matrix(data[key], where, key)}, where
@@ -125,7 +125,7 @@ class TextualInversionMixin:
 
     def _ti_encoder_keys(self) -> list[str]:
         if self.info.family == "sdxl":
-            return list(_SDXL_KEYS)[-len(self.text_encoders):]
+            return list(SDXL_KEYS)[-len(self.text_encoders):]
         return ["*"]
 
     def load_textual_inversion(self, path_or_tensor, token: Union[str, list, None] = None) -> list[str]:

@@ -31,7 +31,7 @@ from ..loading.custom_diffusion import WEIGHT_NAMES
 from .data import Example, read_folder
 from .objective import Objective
 from .prior import PriorObjective
-from .textual_inversion import _TokenEmbedding, _embeddings_owner
+from .tokens import NewTokens
 from .transforms import ImageTransform
 
 __all__ = ["CustomDiffusion", "FREEZE_MODELS", "LR"]
@@ -158,7 +158,7 @@ class CustomDiffusion:
         self.freeze_model = freeze_model
         self.train_text_encoder = bool(self.tokens)  # gradients flow through the text encoder
         self.params: dict[str, nn.Parameter] = {}    # "unet.SITE.to_k.weight" -> the parameter
-        self.embedding: Optional[_TokenEmbedding] = None
+        self.new_tokens = NewTokens(self.tokens, self.initializers, "modifier_token") if self.tokens else None
         self.hooks: list = []
 
     @classmethod
@@ -173,7 +173,7 @@ class CustomDiffusion:
     # ------------------------------------------------------------------ data
     def read_data(self, model, config):
         """The examples, after checking the settings and tokens (before any weight is read)."""
-        from ..loading.folder import load_tokenizer, read_configs
+        from ..loading.folder import read_configs
 
         for name, what in (("snr_gamma", "min-SNR weighting"), ("buckets", "aspect-ratio buckets"),
                            ("cache_latents", "latent cache (it draws a scale and a flip per image)")):
@@ -187,7 +187,8 @@ class CustomDiffusion:
             raise ValueError(f"resolution: {r} is too small for the random-scale augmentation with this VAE "
                              f"(latent factor {f}): its smallest images ({r // 3} px) may cover no latent inside "
                              f"their border; pass a resolution of at least {9 * f} or aug=False (--noaug)")
-        self._check_tokens(load_tokenizer(Path(model) / "tokenizer"))
+        if self.new_tokens is not None:
+            self.new_tokens.check(model)
         self.resolution = r
         self._data = ScriptData(r, f, config.flip, config.center_crop, self.aug)
         return [_Instance(e.path, e.caption, e.size) for e in read_folder(config.data, r, config.prompt)]
@@ -203,45 +204,15 @@ class CustomDiffusion:
         return MaskedObjective(objective.scheduler, objective.snr_gamma, objective.noise_offset)
 
     # ------------------------------------------------------------------ what is trainable
-    def _check_tokens(self, tokenizer) -> list[int]:
-        """The initializers' ids (the script's checks); the tokens are added by :meth:`bind`."""
-        ids = []
-        for token, init in zip(self.tokens, self.initializers):
-            if token in tokenizer.get_vocab():
-                raise ValueError(f"modifier_token: {token!r} is already in the tokenizer's vocabulary; pass a new one")
-            found = tokenizer.encode(init, add_special_tokens=False)
-            if len(found) != 1:
-                raise ValueError(f"initializer_token: {init!r} is {len(found)} tokens "
-                                 f"({tokenizer.convert_ids_to_tokens(found)}); pass a word that is one token")
-            ids.append(found[0])
-        return ids
-
     def bind(self, components) -> None:
         self.components = components
-        if self.tokens:
-            tokenizer = components.tokenizers[0]
-            self._init_ids = self._check_tokens(tokenizer)
-            for t in self.tokens:
-                tokenizer.add_tokens(t)
-            self._token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-            self._vocab = len(tokenizer)
+        if self.new_tokens is not None:
+            self.new_tokens.bind(components.tokenizers)
 
     def attach(self, roots: dict[str, nn.Module]) -> list[nn.Parameter]:
-        """In the script's order of random draws: the resized token embedding, the
-        processors' Linear inits (then loaded from the base weights), the VAE probe."""
-        params = []
-        if self.tokens:
-            encoder = roots["text_encoder"]
-            encoder.resize_token_embeddings(self._vocab)
-            weight = encoder.get_input_embeddings().weight.data
-            if self._token_ids != list(range(self._vocab - len(self.tokens), self._vocab)):
-                raise ValueError(f"modifier_token: {self.tokens} were not added as the last tokens")
-            with torch.no_grad():
-                for row, init in zip(self._token_ids, self._init_ids):
-                    weight[row] = weight[init]
-            self.embedding = _TokenEmbedding(weight, len(self.tokens))
-            _embeddings_owner(encoder).token_embedding = self.embedding
-            params.append(self.embedding.new)
+        """In the script's order of random draws: the resized token embeddings (SDXL: both
+        encoders'), the processors' Linear inits (then loaded from the base weights), the VAE probe."""
+        params = [] if self.new_tokens is None else self.new_tokens.attach(roots)
         unet = roots["unet"]
         sites = sorted(unet.attention_sites().items(), key=lambda kv: _UNET_ORDER[kv[1].site.block])
         names = ["to_k.weight", "to_v.weight"] + (["to_q.weight", "to_out.0.weight", "to_out.0.bias"]
@@ -273,9 +244,7 @@ class CustomDiffusion:
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"unet.{k}": p.detach().clone() for k, p in self.params.items()}
-        if self.embedding is not None:
-            out["text_encoder"] = self.embedding.new.detach().clone()
-        return out
+        return out if self.new_tokens is None else {**out, **self.new_tokens.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
@@ -285,8 +254,8 @@ class CustomDiffusion:
                              "was it trained on another model or with other settings?")
         for k, p in self.params.items():
             p.copy_(state[f"unet.{k}"])
-        if self.embedding is not None:
-            self.embedding.new.copy_(state["text_encoder"])
+        if self.new_tokens is not None:
+            self.new_tokens.load_state_dict(state)
 
     # ------------------------------------------------------------------ what is saved
     def diffusers_state(self) -> dict[str, torch.Tensor]:
@@ -299,8 +268,7 @@ class CustomDiffusion:
 
     def save(self, output: Path, formats: Sequence[str], write) -> list[Path]:
         files = [write(output / WEIGHT_NAMES[0], self.diffusers_state(), {"format": "pt"})]
-        if self.embedding is not None:
-            rows = self.embedding.new.detach().float().cpu()
-            for token, row in zip(self.tokens, rows):
-                files.append(write(output / f"{token}.safetensors", {token: row.contiguous()}, {"format": "pt"}))
+        if self.new_tokens is not None:
+            for token, row in zip(self.tokens, self.new_tokens.rows()[0]):
+                files.append(write(output / f"{token}.safetensors", {token: row}, {"format": "pt"}))
         return files

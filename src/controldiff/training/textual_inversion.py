@@ -32,8 +32,10 @@ from PIL import Image
 from torch import nn
 
 from ..checks import positive_int
+from ..loading.textual_inversion import SDXL_KEYS
 from .data import Example, read_folder
 from .checkpoint import atomic_path
+from .tokens import NewTokens
 from .transforms import INTERPOLATIONS
 
 __all__ = ["TextualInversion", "TEMPLATES", "STYLE_TEMPLATES", "SquareTransform"]
@@ -99,27 +101,6 @@ class SquareTransform:
         return torch.from_numpy(x).permute(2, 0, 1), (0, 0)
 
 
-class _TokenEmbedding(nn.Module):
-    """A token embedding whose original rows are a frozen tensor and whose last rows (the
-    new tokens') are the trainable parameter ``new``."""
-
-    def __init__(self, weight: torch.Tensor, count: int):
-        super().__init__()
-        self.register_buffer("frozen", weight[:-count].detach().clone(), persistent=False)
-        self.new = nn.Parameter(weight[-count:].detach().clone())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([self.frozen, self.new])
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight)
-
-
-def _embeddings_owner(encoder: nn.Module) -> nn.Module:
-    return (encoder.text_model if hasattr(encoder, "text_model") else encoder).embeddings
-
-
 class TextualInversion:
     """The textual inversion method: trainable ``num_vectors`` embedding rows of ``token``
     per text encoder, initialised from ``initializer_token`` (one token); what is saved.
@@ -144,7 +125,7 @@ class TextualInversion:
         self.num_vectors, self.learnable_property, self.repeats = num_vectors, learnable_property, repeats
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
         self.templates = STYLE_TEMPLATES if learnable_property == "style" else TEMPLATES
-        self.layers: dict[str, dict[str, _TokenEmbedding]] = {}  # component -> {"token_embedding": ...}
+        self.new_tokens = NewTokens(self.tokens, [initializer_token] * num_vectors, "token")
 
     @classmethod
     def from_args(cls, args) -> "TextualInversion":
@@ -166,11 +147,7 @@ class TextualInversion:
         """The training examples (caption None: a template per draw), ``repeats`` times as
         the script's dataset (its data order), after checking the tokens against the model's
         tokenizers: errors come before any weight is read."""
-        from ..loading.folder import TOKENIZER_SLOTS, TEXT_ENCODER_SLOTS, load_tokenizer, read_configs
-
-        configs = read_configs(model)
-        self._initializer_ids([load_tokenizer(Path(model) / t) for s, t in zip(TEXT_ENCODER_SLOTS, TOKENIZER_SLOTS)
-                               if s in configs.slots], add=True)
+        self.new_tokens.check(model)
         if config.prompt is not None and self.token not in config.prompt:
             raise ValueError(f"prompt: {config.prompt!r} does not contain the token {self.token!r} (a caption "
                              "without it trains nothing)")
@@ -198,66 +175,26 @@ class TextualInversion:
         return example.caption
 
     # ------------------------------------------------------------------ what is trainable
-    def _initializer_ids(self, tokenizers, add: bool) -> list[int]:
-        """Add the tokens to each tokenizer (the script's checks); the initializer's id in each."""
-        ids = []
-        for i, tokenizer in enumerate(tokenizers):
-            which = f"tokenizer {i + 1}" if len(tokenizers) > 1 else "the tokenizer"
-            found = [t for t in self.tokens if t in tokenizer.get_vocab()]
-            if found:
-                raise ValueError(f"token: {found[0]!r} is already in {which}'s vocabulary; pass a token it "
-                                 "does not know (e.g. '<my-thing>')")
-            init = tokenizer.encode(self.initializer_token, add_special_tokens=False)
-            if len(init) != 1:
-                pieces = tokenizer.convert_ids_to_tokens(init)
-                raise ValueError(f"initializer_token: {self.initializer_token!r} is {len(init)} tokens for {which} "
-                                 f"({pieces}); pass a word that is one token")
-            if add and tokenizer.add_tokens(self.tokens) != self.num_vectors:
-                raise ValueError(f"token: {self.token!r} could not be added to {which}")
-            ids.append(init[0])
-        return ids
-
     def bind(self, components) -> None:
         """Add the tokens to the run's tokenizers (the trainer calls it before :meth:`attach`)."""
-        tokenizers = [t for t in components.tokenizers if t is not None]
-        self._init_ids = self._initializer_ids(tokenizers, add=True)
-        self._vocab = [len(t) for t in tokenizers]
+        self.new_tokens.bind(components.tokenizers)
 
     def attach(self, roots: dict[str, nn.Module]) -> list[nn.Parameter]:
-        """Resize each text encoder's token embedding (transformers' init), start the new
-        rows at the initializer's, keep only them trainable; return them."""
-        params = []
-        encoders = [(k, m) for k, m in roots.items() if k != "unet" and m is not None]
-        for (component, encoder), init, size in zip(encoders, self._init_ids, self._vocab):
-            encoder.resize_token_embeddings(size)
-            weight = encoder.get_input_embeddings().weight.data
-            with torch.no_grad():
-                for row in range(size - self.num_vectors, size):
-                    weight[row] = weight[init].clone()
-            layer = _TokenEmbedding(weight, self.num_vectors)
-            _embeddings_owner(encoder).token_embedding = layer
-            self.layers[component] = {"token_embedding": layer}
-            params.append(layer.new)
-        return params
+        """The tokens' rows in each text encoder, started at the initializer's (``tokens.py``)."""
+        return self.new_tokens.attach(roots)
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {c: layer["token_embedding"].new.detach().clone().contiguous() for c, layer in self.layers.items()}
+        return self.new_tokens.state_dict()
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         mine = self.state_dict()
         if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in mine):
             raise ValueError(f"resume: {source} holds other embeddings ({ {k: tuple(v.shape) for k, v in state.items()} }) "
                              f"than this run trains ({ {k: tuple(v.shape) for k, v in mine.items()} })")
-        for c, layer in self.layers.items():
-            layer["token_embedding"].new.copy_(state[c])
+        self.new_tokens.load_state_dict(state)
 
     # ------------------------------------------------------------------ what is saved
-    def embeddings(self) -> list[torch.Tensor]:
-        """The learnt (num_vectors, width) rows of each text encoder, float32."""
-        return [layer["token_embedding"].new.detach().float().cpu().contiguous() for layer in self.layers.values()]
-
     def file_name(self) -> str:
         """The A1111 file name: A1111 names an embedding (its prompt word) by its file."""
         return re.sub(r"[^\w.-]", "", self.token) or "embedding"
@@ -267,7 +204,7 @@ class TextualInversion:
         in ``learned_embeds_2.safetensors``, as the SDXL script). ``kohya``: the A1111 files
         kohya's scripts also write, ``NAME.safetensors`` (``emb_params``; SDXL ``clip_l`` and
         ``clip_g``) and on SD1/SD2 ``NAME.pt`` (``string_to_param``)."""
-        vectors = self.embeddings()
+        vectors = self.new_tokens.rows()
         files = []
         if "diffusers" in formats:
             for name, v in zip(DIFFUSERS_FILES, vectors):
@@ -275,7 +212,7 @@ class TextualInversion:
         if "kohya" in formats:
             name = self.file_name()
             if len(vectors) == 2:
-                files.append(write(output / f"{name}.safetensors", {"clip_l": vectors[0], "clip_g": vectors[1]},
+                files.append(write(output / f"{name}.safetensors", dict(zip(SDXL_KEYS, vectors)),
                                    {"format": "pt"}))
             else:
                 files.append(write(output / f"{name}.safetensors", {"emb_params": vectors[0]}, {"format": "pt"}))
