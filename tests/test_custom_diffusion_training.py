@@ -181,5 +181,6 @@ def test_cli_and_errors(tiny_model, tmp_path, capsys):
     for bad in (dict(snr_gamma=5.0), dict(cache_latents=True, center_crop=True)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}: not supported with custom-diffusion"):
             train(model, CustomDiffusion("<new1>", "a", aug=False), TrainConfig(data, tmp_path / "e", **cfg, **bad))
-    with pytest.raises(ValueError, match="SDXL"):
-        train(tiny_model("sdxl"), CustomDiffusion(), TrainConfig(data, tmp_path / "e", **cfg))
+    with pytest.raises(ValueError, match=r"initializer_token: 'cat' is 3 tokens for tokenizer 1"):  # SDXL: each checked
+        train(tiny_model("sdxl"), CustomDiffusion("<new1>", "cat", aug=False), TrainConfig(data, tmp_path / "e", **cfg))
+    assert not (tmp_path / "e").exists()

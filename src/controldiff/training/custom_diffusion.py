@@ -14,6 +14,14 @@ image resized to the square, the mask the grid without its border). With prior p
 (``class_data``) each example is an instance and a class image (flip, shorter side resized,
 center or random crop), the class images' loss plain MSE. The key/value of the first (BOS)
 text token pass no gradient.
+
+SDXL: diffusers has no SDXL script, so this follows the SD1 one. The trainable weights are the
+same attn2 projections. The modifier tokens go into both tokenizers (``tokens.py``, shared with
+textual inversion), and in each text encoder a token's row starts from its initializer's row
+in that encoder. A token's file holds A1111's SDXL keys ``clip_l``/``clip_g``. The time ids are
+built as diffusers' SDXL scripts build them: the image's size, the crop's (top, left) in the
+resized image, and the resolution. That crop is the random crop of a zoomed-in draw, (0, 0) for
+an image placed whole on the square (or resized to it), or a class image's crop.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from ..loading.custom_diffusion import WEIGHT_NAMES
+from ..loading.textual_inversion import SDXL_KEYS
 from .data import Example, read_folder
 from .objective import Objective
 from .prior import PriorObjective
@@ -61,9 +70,10 @@ class _Instance(Example):
 class Drawn(NamedTuple):
     """One example as the script's data set gives it."""
 
-    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    pixels: torch.Tensor   # (3, R, R) in [-1, 1]
     caption: str
-    mask: torch.Tensor    # (1, R/f, R/f): the latents the loss counts
+    mask: torch.Tensor     # (1, R/f, R/f): the latents the loss counts
+    crop: tuple[int, int]  # (top, left) of the square in the resized image: SDXL's crop coordinates
 
 
 def _flip(img: Image.Image, flip: bool) -> Image.Image:
@@ -86,34 +96,35 @@ class ScriptData:
         r = self.resolution
         factor = r // (r // self.latent_factor)
         if not isinstance(example, _Instance):  # a class image: mask unused (its loss is plain MSE)
-            x, _ = ImageTransform(r, self.center_crop, False, "bilinear")(img)
-            return Drawn(x, example.caption, torch.ones(1, r // factor, r // factor))
+            x, crop = ImageTransform(r, self.center_crop, False, "bilinear")(img)
+            return Drawn(x, example.caption, torch.ones(1, r // factor, r // factor), crop)
         scale = r
         if self.aug:
             scale = np.random.randint(r // 3, r + 1) if np.random.uniform() < 0.66 else \
                 np.random.randint(int(1.2 * r), int(1.4 * r))
-        x, mask = self._place(img, scale, factor)
+        x, mask, crop = self._place(img, scale, factor)
         caption = example.caption
         if scale < 0.6 * r:
             caption = str(np.random.choice(["a far away ", "very small "])) + caption
         elif scale > r:
             caption = str(np.random.choice(["zoomed in ", "close up "])) + caption
-        return Drawn(torch.from_numpy(x).permute(2, 0, 1), caption, torch.from_numpy(mask).float()[None])
+        return Drawn(torch.from_numpy(x).permute(2, 0, 1), caption, torch.from_numpy(mask).float()[None], crop)
 
-    def _place(self, img: Image.Image, scale: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    def _place(self, img: Image.Image, scale: int, factor: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """The script's ``preprocess``: ``img`` resized to ``scale`` and put at a random spot of the
-        square (or the square cropped at random from it); the mask of the latents it covers."""
+        square (or the square cropped at random from it); the mask of the latents it covers; the
+        crop's (top, left), (0, 0) for an image placed whole."""
         r, grid = self.resolution, self.resolution // factor
         outer, inner = (scale, r) if scale > r else (r, scale)
         top, left = np.random.randint(0, outer - inner + 1), np.random.randint(0, outer - inner + 1)
         x = (np.array(img.resize((scale, scale), resample=Image.BILINEAR)).astype(np.uint8) / 127.5 - 1.0)
         x = x.astype(np.float32)
         if scale > r:
-            return x[top:top + r, left:left + r, :], np.ones((grid, grid))
+            return x[top:top + r, left:left + r, :], np.ones((grid, grid)), (top, left)
         square, mask = np.zeros((r, r, 3), dtype=np.float32), np.zeros((grid, grid))
         square[top:top + scale, left:left + scale, :] = x
         mask[top // factor + 1:(top + scale) // factor - 1, left // factor + 1:(left + scale) // factor - 1] = 1.0
-        return square, mask
+        return square, mask, (0, 0)
 
 
 class MaskedObjective(Objective):
@@ -179,10 +190,7 @@ class CustomDiffusion:
                            ("cache_latents", "latent cache (it draws a scale and a flip per image)")):
             if getattr(config, name) not in (None, False):
                 raise ValueError(f"{name}: not supported with custom-diffusion (its script has no {what})")
-        configs = read_configs(model)
-        if "text_encoder_2" in configs.slots:
-            raise ValueError("model: custom-diffusion trains SD1/SD2 models (as diffusers' script); this is SDXL")
-        r, f = config.resolution, configs.info.latent_factor
+        r, f = config.resolution, read_configs(model).info.latent_factor
         if self.aug and r // 3 < 3 * f:  # else a smallest image's mask can be empty: the script's loss 0/0
             raise ValueError(f"resolution: {r} is too small for the random-scale augmentation with this VAE "
                              f"(latent factor {f}): its smallest images ({r // 3} px) may cover no latent inside "
@@ -267,8 +275,13 @@ class CustomDiffusion:
         return out
 
     def save(self, output: Path, formats: Sequence[str], write) -> list[Path]:
+        """The weights file; per modifier token ``<token>.safetensors``: ``{token: row}`` as the
+        script (SD1/SD2), on SDXL A1111's ``{"clip_l": (1, width), "clip_g": (1, width_2)}``, the
+        format ``pipe.load_textual_inversion`` (thus ``load_custom_diffusion``) and A1111 read."""
         files = [write(output / WEIGHT_NAMES[0], self.diffusers_state(), {"format": "pt"})]
         if self.new_tokens is not None:
-            for token, row in zip(self.tokens, self.new_tokens.rows()[0]):
-                files.append(write(output / f"{token}.safetensors", {token: row}, {"format": "pt"}))
+            rows = self.new_tokens.rows()
+            for i, token in enumerate(self.tokens):
+                data = {token: rows[0][i]} if len(rows) == 1 else dict(zip(SDXL_KEYS, (r[i:i + 1] for r in rows)))
+                files.append(write(output / f"{token}.safetensors", data, {"format": "pt"}))
         return files

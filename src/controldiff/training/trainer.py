@@ -176,7 +176,7 @@ class _Data:
     def __init__(self, examples, config: TrainConfig, vae, sdxl: bool, method=None):
         self.examples, self.vae, self.sdxl = examples, vae, sdxl
         self.caption = getattr(method, "caption", lambda e: e.caption)  # e.g. a template drawn per use
-        self.own = getattr(method, "draw", None)  # (example, image) -> pixels, caption, loss mask (Custom Diffusion)
+        self.own = getattr(method, "draw", None)  # (example, image) -> pixels, caption, mask, crop (Custom Diffusion)
         self.transform = method.transform(config, sdxl) if hasattr(method, "transform") else \
             ImageTransform(config.resolution, config.center_crop, config.flip, config.interpolation)
         self.sizes = None  # with buckets: each example's (width, height); their transform, not the method's
@@ -202,11 +202,10 @@ class _Data:
         images = []
         for i in indices:
             e = self.examples[i]
-            if self.own is not None:
+            if self.own is not None:  # the method's draw reports its crop
                 images.append(self.own(e, load_rgb(e.path)))
-                time_ids.append(None)
-                continue
-            if self.sizes is not None:
+                top, left = images[-1].crop
+            elif self.sizes is not None:
                 if self.cache is None:
                     x, (top, left) = self.transform(load_rgb(e.path), self.sizes[i])
                     images.append(x)
@@ -214,7 +213,7 @@ class _Data:
                     top, left = self.transform.crop_to(*e.size, self.sizes[i])
                 time_ids.append([e.size[1], e.size[0], top, left, self.sizes[i][1], self.sizes[i][0]])
                 continue
-            if self.cache is None:
+            elif self.cache is None:
                 x, (top, left) = self.transform(load_rgb(e.path))
                 images.append(x)
             else:
