@@ -195,6 +195,22 @@ def test_resume_from_another_model_is_refused(tiny_model, data, tmp_path):
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+def test_sizes_are_of_the_turned_image(tmp_path):
+    """A photo's EXIF orientation turns it when loaded: its recorded size (SDXL's original-size
+    time id, its bucket, the resolution check) is the turned one."""
+    from controldiff.training.data import read_folder
+    from controldiff.training.transforms import load_rgb
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 48x32, shown 32x48
+    Image.new("RGB", (48, 32), "red").save(folder / "a.jpg", exif=exif)
+    Image.new("RGB", (48, 32), "red").save(folder / "b.jpg")
+    sizes = [e.size for e in read_folder(folder, 32, "x")]
+    assert sizes == [load_rgb(folder / "a.jpg").size, load_rgb(folder / "b.jpg").size] == [(32, 48), (48, 32)]
+
+
 def test_data_errors_name_the_file(tmp_path, tiny_model):
     model = tiny_model("sd1")
 

@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class Example:
-    """One training image, its caption and its size (width, height) as stored."""
+    """One training image, its caption and its size (width, height) as loaded: EXIF orientation applied."""
 
     path: Path
     caption: str
@@ -42,14 +42,19 @@ def _caption(image: Path, prompt: Optional[str]) -> str:
                          f"offset {e.start}); save it as UTF-8 text") from None
 
 
+#: EXIF orientations that turn the image by 90 degrees (transforms.load_rgb applies them)
+_TURNED = (5, 6, 7, 8)
+
+
 def _size(image: Path) -> tuple[int, int]:
     try:
         with Image.open(image) as im:
-            size = im.size
-            im.verify()  # decodes enough to find truncated or corrupt files
+            im.verify()  # decodes enough to find truncated or corrupt files (and must come first)
+        with Image.open(image) as im:
+            (w, h), turned = im.size, im.getexif().get(0x0112) in _TURNED
     except Exception as e:  # PIL raises many kinds
         raise ValueError(f"{image}: cannot read the image ({type(e).__name__}: {e})") from None
-    return size
+    return (h, w) if turned else (w, h)
 
 
 def read_folder(folder, resolution: int, prompt: Optional[str] = None) -> list[Example]:
