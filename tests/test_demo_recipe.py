@@ -141,6 +141,11 @@ def test_learning_rate_and_noise_schedules():
     for name, kept in (("scaled_linear", 0.068), ("linear", 0.0064)):
         sched = create("ddpm", recipe.scheduler_config(name))
         assert float(sched.alphas_cumprod[-1]) ** 0.5 == pytest.approx(kept, rel=0.02)
+    zero = recipe.scheduler_config("zero-snr", "v_prediction")  # none: the sampler starts from pure noise
+    assert float(create("ddpm", zero).alphas_cumprod[-1]) == 0
+    ddim = create("ddim", zero)
+    ddim.set_timesteps(4)
+    assert ddim.timesteps.tolist()[0] == 999  # trailing: the first step is the pure-noise one
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -149,7 +154,9 @@ def test_learning_rate_and_noise_schedules():
     (dict(levels=5), "levels: expected 3 or 4"), (dict(vae_from="/no/such"), "vae_from: /no/such has no vae/"),
     (dict(beta_schedule="cosine"), "beta_schedule: expected one of"), (dict(lr_decay="step"), "lr_decay"),
     (dict(target_latents="mode"), "target_latents: expected"),
-    (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+    (dict(min_lr_ratio=2.0), "min_lr_ratio"), (dict(snr_gamma=-1.0), "snr_gamma: expected a finite number >= 0"),
+    (dict(prediction_type="sample"), "prediction_type: expected"),
+    (dict(beta_schedule="zero-snr"), "prediction_type: the zero-snr schedule needs 'v_prediction'"),
 ])
 def test_recipe_settings_are_checked_before_any_work(kwargs, match):
     with pytest.raises(ValueError, match=match):

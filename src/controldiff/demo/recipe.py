@@ -13,7 +13,8 @@ Two stages, each a pure function of the seed and the step counts:
    ``--beta-schedule linear`` (DDPM's) and ``--lr-decay cosine`` are there for the position
    experiment (README): on a 16x16 latent, SD's last step keeps 7% of the signal, so the coarse
    layout shows through the noise at an SNR near 1 and a model can learn to read where things
-   go from the starting noise instead of the caption; ``linear`` keeps 0.6%.
+   go from the starting noise instead of the caption; ``linear`` keeps 0.6%, and ``zero-snr``
+   (with ``--prediction-type v_prediction``, Lin et al. 2024) none.
 It finishes on a 2-core CPU (one thread: see ``benchmarks/RESULTS.md`` for the times), and
 on a GPU when one is given (``--device cuda``). ``OUT`` gets a diffusers-layout folder (the
 EMA weights, safetensors) and ``recipe.json``: the settings, the losses and the times. A
@@ -53,9 +54,10 @@ class Recipe:
     warmup: int = 100
     lr_decay: str = "constant"    # (after warm-up) or "cosine"
     min_lr_ratio: float = 0.05    # the cosine decay ends at lr * this
-    beta_schedule: str = "scaled_linear"  # SD's, or "linear" (DDPM's; see the module docstring)
+    beta_schedule: str = "scaled_linear"  # SD's, "linear" (DDPM's) or "zero-snr" (see the module docstring)
+    prediction_type: str = "epsilon"      # or "v_prediction" (needed by "zero-snr")
     ema_decay: float = 0.999
-    snr_gamma: float = 5.0
+    snr_gamma: float = 5.0               # min-SNR weighting; 0: plain MSE
     caption_dropout: float = 0.1
     pool: int = 40000             # scenes whose latents stage 2 trains on
     target_latents: str = "sample"  # the VAE posterior's draws (the shipped model) or "mean" (see demo/variants.py)
@@ -71,9 +73,11 @@ class Recipe:
 
         for name in ("vae_steps", "vae_batch", "steps", "batch", "warmup", "pool", "snapshot_every", "log_every"):
             positive_int(getattr(self, name), name)
-        for name in ("vae_lr", "lr", "snr_gamma"):
+        for name in ("vae_lr", "lr"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name}: expected a finite number > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.snr_gamma < float("inf"):
+            raise ValueError(f"snr_gamma: expected a finite number >= 0 (0: plain MSE), got {self.snr_gamma!r}")
         for name in ("kl_weight", "caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(self, name)!r}")
@@ -85,19 +89,31 @@ class Recipe:
             raise ValueError(f"target_latents: expected 'mean' or 'sample', got {self.target_latents!r}")
         if self.beta_schedule not in BETAS:
             raise ValueError(f"beta_schedule: expected one of {sorted(BETAS)}, got {self.beta_schedule!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if self.beta_schedule == "zero-snr" and self.prediction_type != "v_prediction":
+            raise ValueError("prediction_type: the zero-snr schedule needs 'v_prediction' (at zero SNR the noise "
+                             "is the input itself and epsilon prediction has nothing to learn)")
         if self.levels not in (3, 4):
             raise ValueError(f"levels: expected 3 or 4, got {self.levels!r}")
         if self.vae_from and not (Path(self.vae_from) / "vae").is_dir():
             raise ValueError(f"vae_from: {self.vae_from} has no vae/ folder (expected a trained model folder)")
 
 
-BETAS = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
+BETAS = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012), "zero-snr": (0.00085, 0.012)}
 
 
-def scheduler_config(beta_schedule: str = "scaled_linear") -> dict:
-    """The model folder's scheduler: SD1's PNDM config on the recipe's noise schedule."""
+def scheduler_config(beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon") -> dict:
+    """The model folder's scheduler: SD1's PNDM config on the recipe's noise schedule; for
+    "zero-snr", SD's schedule rescaled to zero terminal SNR with DDIM and trailing timesteps, as
+    Lin et al. sample it (PNDM divides by the signal, which is 0 at the last step)."""
     start, end = BETAS[beta_schedule]
-    return {**tiny.scheduler_config("sd1"), "beta_schedule": beta_schedule, "beta_start": start, "beta_end": end}
+    betas = {"beta_start": start, "beta_end": end, "prediction_type": prediction_type}
+    if beta_schedule == "zero-snr":
+        return {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 0,
+                "set_alpha_to_one": False, "clip_sample": False, **betas}
+    return {**tiny.scheduler_config("sd1"), "beta_schedule": beta_schedule, **betas}
 
 
 def target_latents(moments: torch.Tensor, how: str, generator=None) -> torch.Tensor:
@@ -216,7 +232,8 @@ def train_model(r: Recipe, vae, tokenizer, vocab: dict, log: list, snapshot=None
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s))
     ema = EMA(params, decay=r.ema_decay)
-    objective = Objective(create("ddpm", scheduler_config(r.beta_schedule)), snr_gamma=r.snr_gamma)
+    objective = Objective(create("ddpm", scheduler_config(r.beta_schedule, r.prediction_type)),
+                          snr_gamma=r.snr_gamma or None)
 
     rng = random.Random(f"pool-{r.seed}")
     moments, captions = [], []
@@ -315,7 +332,7 @@ def train(out: Path, r: Recipe) -> Path:
                 "threads": torch.get_num_threads(), "log": log}
 
     def snapshot(unet, te, step):
-        save(out, unet, vae, te, tok_dir, extra(step), scheduler_config(r.beta_schedule))
+        save(out, unet, vae, te, tok_dir, extra(step), scheduler_config(r.beta_schedule, r.prediction_type))
         print(f"snapshot at step {step}: {out}", flush=True)
 
     with tmp:
