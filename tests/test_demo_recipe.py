@@ -129,6 +129,21 @@ def test_a_tiny_recipe_run_makes_a_model_the_pipeline_loads(tmp_path):
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+def test_the_folder_names_its_scheduler_for_diffusers(tmp_path):
+    """diffusers loads the scheduler class ``model_index.json`` names (not the config's): a
+    zero-SNR model's DDIM must be named there, or diffusers samples it with PNDM."""
+    from diffusers import StableDiffusionPipeline
+
+    r = recipe.Recipe(vae_steps=2, vae_batch=2, steps=1, batch=2, pool=4, snapshot_every=1, warmup=1, log_every=1,
+                      beta_schedule="zero-snr", prediction_type="v_prediction", snr_gamma=0.0)
+    out = recipe.train(tmp_path / "model", r)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    ref = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert type(ref.scheduler).__name__ == "DDIMScheduler" and ref.scheduler.config.rescale_betas_zero_snr
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
 def test_learning_rate_and_noise_schedules():
     constant = recipe.Recipe(steps=1000, warmup=100)
     assert [recipe.lr_factor(constant, s) for s in (0, 49, 99, 500, 999)] == [0.01, 0.5, 1.0, 1.0, 1.0]

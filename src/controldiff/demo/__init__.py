@@ -59,7 +59,7 @@ def write_index(folder: Path, scheduler: dict) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],  # diffusers loads this class, not the config's
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
