@@ -1,5 +1,6 @@
 """Training on several processes, on one machine or several: ``torchrun --nproc_per_node N``
-or ``accelerate launch --num_processes N`` (``--cpu`` for gloo on CPUs). accelerate's
+(GPUs or CPUs) or, on GPUs, ``accelerate launch --multi_gpu --num_processes N`` (its ``--cpu``
+starts one process, so CPUs use torchrun). accelerate's
 ``PartialState`` joins the process group the launcher describes (NCCL on GPUs, gloo on CPUs)
 and gives each process its device; gradients are summed with ``torch.distributed``.
 
